@@ -1,0 +1,3 @@
+from statements.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""Atomic, permission-exact file writes.
+
+Modes are set with ``fchmod``/``chmod`` after creation, never left to the umask: a user running
+with ``umask 000`` still gets 0600 keys in a 0700 folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+PRIVATE_FILE = 0o600
+PUBLIC_FILE = 0o644
+PRIVATE_DIR = 0o700
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    path.chmod(PRIVATE_DIR)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: int = PRIVATE_FILE) -> Iterator[BinaryIO]:
+    """Yield a file in ``path``'s folder; on success it is fsynced and renamed over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+    with atomic_writer(path, mode) as handle:
+        handle.write(data)
+
+
+def loose_permissions(path: Path) -> bool:
+    """True when group or others may read, write or enter ``path``."""
+    return bool(path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+def mode_string(path: Path) -> str:
+    return f"{stat.S_IMODE(path.stat().st_mode):04o}"
+
+
+def utc_stamp(now: datetime | None = None) -> str:
+    """A timestamp that sorts and is safe in file names: 20261121T045800Z."""
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def keep_copy_aside(path: Path, stamp: str) -> Path:
+    """Keep the current ``path`` as ``path.replaced-STAMP`` (a hard link) and return that name.
+
+    ``path`` itself stays in place, so an atomic write over it afterwards leaves, at every
+    moment, either the old or the new file there, and the old one beside it.
+    """
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    for counter in range(2, 1000):
+        try:
+            os.link(path, target)
+        except FileExistsError:
+            target = path.with_name(f"{path.name}.replaced-{stamp}-{counter}")
+            continue
+        fsync_dir(path.parent)
+        return target
+    raise FileExistsError(f"too many replaced copies of {path}")

@@ -1,0 +1,1 @@
+"""Key management: SSH and PGP key pairs, PuTTY import, export, backup."""
