@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,3 +79,41 @@ class Project:
 
 def _agent_sockets(folder: str, names: list[str]) -> list[str]:
     return [n for n in names if n.startswith("S.") or n.endswith(".lock")]
+
+
+def run_on_terminal(
+    argv: list[str], cwd: Path, env: dict[str, str], answers: list[tuple[str, str]]
+) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal, typing each answer once its prompt has appeared.
+
+    getpass flushes typed-ahead input, so an answer must wait for its prompt.
+    """
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: becomes the command, with the pty as its controlling terminal
+        os.chdir(cwd)
+        os.execve(argv[0], argv, env)
+    seen = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        if pending and pending[0][0].encode() in seen.split(b"\n")[-1] + seen[-200:]:
+            prompt, answer = pending.pop(0)
+            seen = seen.replace(prompt.encode(), f"<{prompt}>".encode(), 1)
+            os.write(fd, answer.encode() + b"\n")
+    else:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), seen.decode("utf-8", "replace")

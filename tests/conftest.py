@@ -1,0 +1,44 @@
+"""Shared fixtures. Expensive things (RSA-4096 and PGP keys, the sshd) are made once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.clitools import Project
+
+
+@pytest.fixture(scope="session")
+def keyed_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """A project set up as the README says, with default (RSA-4096) keys: made once, copy it."""
+    project = Project(tmp_path_factory.mktemp("keyed"))
+    project.ok("init")
+    project.ok("keys", "ssh")
+    project.ok("keys", "pgp", "--name", "Test User", "--email", "test@example.com")
+    project.stop_agent()
+    yield project
+    project.stop_agent()
+
+
+@pytest.fixture
+def project(keyed_project: Project, tmp_path: Path) -> Iterator[Project]:
+    """A private copy of the keyed project for a test that changes it."""
+    copy = keyed_project.copy_to(tmp_path / "p")
+    yield copy
+    copy.stop_agent()
+
+
+@pytest.fixture
+def empty_project(tmp_path: Path) -> Iterator[Project]:
+    """A project folder with only `init` done."""
+    root = tmp_path / "e"
+    root.mkdir()
+    project = Project(root)
+    project.ok("init")
+    yield project
+    project.stop_agent()
+
+
+pytest_plugins = ["tests.sshd"]
