@@ -1,0 +1,293 @@
+"""The ledger: what was fetched, refused, archived, and every run, in one SQLite file.
+
+``archive/index.sqlite3``, WAL mode, schema versioned by a migration table. A remote file's
+identity is (host, port, username, remote path); a version of it is that plus (size, mtime).
+Deciding what is new is one indexed query for the server's history, compared in memory against
+one listing: it does not grow with anything but the listing itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from statements.errors import ConfigError
+
+LEDGER_NAME = "index.sqlite3"
+
+# Each migration runs once, in order, in its own transaction; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "runs, fetched and refused remote files",
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            command TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            result TEXT,
+            exit_code INTEGER,
+            fetched INTEGER NOT NULL DEFAULT 0,
+            skipped INTEGER NOT NULL DEFAULT 0,
+            refused INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            archived INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            message TEXT
+        );
+        CREATE TABLE fetched (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            host TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            username TEXT NOT NULL,
+            remote_path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            inbox_name TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL,
+            fetched_at TEXT NOT NULL,
+            run_id INTEGER REFERENCES runs(id),
+            state TEXT NOT NULL DEFAULT 'fetched',
+            -- Also the covering index behind history(): one SEARCH per server, no table reads.
+            UNIQUE (host, port, username, remote_path, size, mtime)
+        );
+        CREATE INDEX fetched_by_state ON fetched (state);
+        CREATE TABLE refused (
+            host TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            username TEXT NOT NULL,
+            remote_name TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            times INTEGER NOT NULL DEFAULT 1,
+            PRIMARY KEY (host, port, username, remote_name)
+        );
+        """,
+    ),
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ServerId:
+    host: str
+    port: int
+    username: str
+
+
+@dataclass(frozen=True)
+class FetchedRow:
+    id: int
+    remote_path: str
+    size: int
+    mtime: int
+    version: int
+    inbox_name: str
+    sha256: str
+    state: str
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    fetched: int = 0
+    skipped: int = 0
+    refused: int = 0
+    failed: int = 0
+    archived: int = 0
+    bytes: int = 0
+
+
+class Ledger:
+    """One connection, used from one thread: the caller serialises writes."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, archive_root: Path) -> Ledger:
+        path = archive_root / LEDGER_NAME
+        try:
+            archive_root.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit survives power loss; the archive's promise rests on it.
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                f"Cannot open the ledger {path}: {exc}.",
+                "Check that [archive] root points to a writable folder.",
+            ) from None
+        ledger = cls(db, path)
+        ledger._migrate()
+        return ledger
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        applied = {row[0] for row in self._db.execute("SELECT version FROM schema_migrations")}
+        newest = max(version for version, _, _ in MIGRATIONS)
+        if applied and max(applied) > newest:
+            raise ConfigError(
+                f"The ledger {self.path} was written by a newer version of ibkr-statements "
+                f"(schema {max(applied)}, this one knows {newest}).",
+                "Upgrade ibkr-statements; do not edit the ledger by hand.",
+            )
+        for version, name, sql in MIGRATIONS:
+            if version in applied:
+                continue
+            with self.transaction() as db:
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, now_iso()),
+                )
+
+    @property
+    def schema_version(self) -> int:
+        row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    # --- runs ----------------------------------------------------------------------------
+
+    def start_run(self, command: str) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (command, started_at) VALUES (?, ?)", (command, now_iso())
+            )
+        return int(cursor.lastrowid or 0)
+
+    def finish_run(
+        self, run_id: int, *, result: str, exit_code: int, counts: RunCounts, message: str = ""
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET ended_at=?, result=?, exit_code=?, fetched=?, skipped=?, "
+                "refused=?, failed=?, archived=?, bytes=?, message=? WHERE id=?",
+                (
+                    now_iso(),
+                    result,
+                    exit_code,
+                    counts.fetched,
+                    counts.skipped,
+                    counts.refused,
+                    counts.failed,
+                    counts.archived,
+                    counts.bytes,
+                    message,
+                    run_id,
+                ),
+            )
+
+    # --- fetched files -------------------------------------------------------------------
+
+    def history(self, server: ServerId) -> dict[str, set[tuple[int, int]]]:
+        """Every (size, mtime) version fetched so far, by remote path: one indexed query."""
+        versions: dict[str, set[tuple[int, int]]] = {}
+        rows = self._db.execute(
+            "SELECT remote_path, size, mtime FROM fetched WHERE host=? AND port=? AND username=?",
+            (server.host, server.port, server.username),
+        )
+        for path, size, mtime in rows:
+            versions.setdefault(path, set()).add((size, mtime))
+        return versions
+
+    def record_fetched(
+        self,
+        server: ServerId,
+        *,
+        remote_path: str,
+        size: int,
+        mtime: int,
+        version: int,
+        inbox_name: str,
+        sha256: str,
+        run_id: int | None,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO fetched (host, port, username, remote_path, size, mtime, version, "
+                "inbox_name, sha256, fetched_at, run_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    server.host,
+                    server.port,
+                    server.username,
+                    remote_path,
+                    size,
+                    mtime,
+                    version,
+                    inbox_name,
+                    sha256,
+                    now_iso(),
+                    run_id,
+                ),
+            )
+
+    def fetched_rows(self, states: Sequence[str] = ("fetched",)) -> list[FetchedRow]:
+        marks = ",".join("?" * len(states))
+        rows = self._db.execute(
+            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "  # noqa: S608
+            f"FROM fetched WHERE state IN ({marks}) ORDER BY id",  # marks are only '?'s
+            tuple(states),
+        )
+        return [FetchedRow(*row) for row in rows]
+
+    def inbox_names(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT inbox_name FROM fetched")}
+
+    # --- refused names -------------------------------------------------------------------
+
+    def record_refused(self, server: ServerId, refused: Iterable[tuple[str, str]]) -> None:
+        stamp = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO refused (host, port, username, remote_name, reason, first_seen, "
+                "last_seen) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT (host, port, username, remote_name) DO UPDATE SET "
+                "reason=excluded.reason, last_seen=excluded.last_seen, times=times+1",
+                [
+                    (server.host, server.port, server.username, name, reason, stamp, stamp)
+                    for name, reason in refused
+                ],
+            )
+
+    def refused_names(self, server: ServerId) -> dict[str, str]:
+        rows = self._db.execute(
+            "SELECT remote_name, reason FROM refused WHERE host=? AND port=? AND username=?",
+            (server.host, server.port, server.username),
+        )
+        return dict(rows.fetchall())

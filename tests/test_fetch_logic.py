@@ -1,0 +1,214 @@
+"""Pure logic of the fetcher: remote names, planning, known_hosts, the ledger. No network."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from statements.hostkeys import HostKey, KnownHosts, hosts_match, parse_known_hosts, pin
+from statements.ledger import Ledger, RunCounts, ServerId
+from statements.pipeline import inbox_name_for, plan
+from statements.remote import RemoteFile, _host_key_types, matches, name_problem
+
+SERVER = ServerId("xfer.interactivebrokers.com", 32, "jdoe")
+
+
+def key(kind: str, payload: bytes = b"k") -> HostKey:
+    name = kind.encode()
+    return HostKey(kind, len(name).to_bytes(4, "big") + name + payload)
+
+
+def line(hosts: str, k: HostKey) -> str:
+    return f"{hosts} {k.key_type} {base64.b64encode(k.blob).decode()}"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("U4698258.Trade_History.20260901.20260901.xml.pgp", None),
+        ("Firm_2025_Q4.zip.pgp", None),
+        ("../x.pgp", "contains a path separator"),
+        ("x..pgp", "is or contains '..'"),
+        ("/etc/passwd.pgp", "contains a path separator"),
+        ("a/b.pgp", "contains a path separator"),
+        ("a\\b.pgp", "contains a path separator"),
+        ("nul\x00.pgp", "contains NUL"),
+        ("line\nbreak.pgp", "contains a line break"),
+        ("cr\rx.pgp", "contains a line break"),
+        (".hidden.pgp", "starts with '.'"),
+        ("..", "is or contains '..'"),
+        ("x" * 252 + ".pgp", "longer than 255 bytes"),
+        ("é" * 126 + ".pgp", "longer than 255 bytes"),  # 256 bytes in UTF-8
+        ("bell\x07.pgp", "contains control characters"),
+        ("", "empty name"),
+    ],
+)
+def test_remote_names_are_untrusted(name: str, problem: str | None) -> None:
+    assert name_problem(name) == problem
+
+
+def test_patterns_match_case_insensitively() -> None:
+    patterns = ("*.pgp", "*.gpg", "*.asc")
+    assert matches("U1.xml.PGP", patterns)
+    assert matches("x.asc", patterns)
+    assert not matches("x.pgp.part", patterns)
+    assert not matches("readme.txt", patterns)
+
+
+def remote(name: str, size: int = 10, mtime: int = 100) -> RemoteFile:
+    return RemoteFile(path=f"outgoing/{name}", relative=name, size=size, mtime=mtime)
+
+
+def test_plan_fetches_new_and_changed_versions_only() -> None:
+    history = {"outgoing/old.pgp": {(10, 100)}, "outgoing/changed.pgp": {(10, 100)}}
+    files = (remote("old.pgp"), remote("changed.pgp", size=11), remote("new.pgp"))
+    planned, skipped = plan(files, history)
+    assert skipped == 1
+    assert [(p.remote.relative, p.version, p.inbox_name) for p in planned] == [
+        ("changed.pgp", 2, "changed.pgp.v2"),
+        ("new.pgp", 1, "new.pgp"),
+    ]
+
+
+def test_inbox_names_are_flat_and_deterministic() -> None:
+    nested = RemoteFile(path="outgoing/2026/x.pgp", relative="2026/x.pgp", size=1, mtime=1)
+    assert inbox_name_for(nested, 1) == "2026__x.pgp"
+    assert inbox_name_for(nested, 3) == "2026__x.pgp.v3"
+
+
+# --- known_hosts ---------------------------------------------------------------------------
+
+
+def test_known_hosts_port_entries_and_plain_hosts() -> None:
+    k = key("ssh-ed25519")
+    hosts = KnownHosts(Path("x"), tuple(parse_known_hosts(line("[h.example]:32", k))))
+    assert hosts.check("h.example", 32, k) == "ok"
+    assert hosts.check("h.example", 22, k) == "unknown"
+    assert hosts.check("h.example", 32, key("ssh-ed25519", b"other")) == "changed"
+    plain = KnownHosts(Path("x"), tuple(parse_known_hosts(line("h.example,10.0.0.1", k))))
+    assert plain.check("h.example", 22, k) == "ok"
+    assert plain.check("10.0.0.1", 22, k) == "ok"
+
+
+def test_known_hosts_hashed_negated_wildcard_and_revoked() -> None:
+    k = key("ssh-rsa")
+    salt = b"0123456789abcdef0123"
+    digest = hmac.new(salt, b"[xfer.example]:32", hashlib.sha1).digest()
+    hashed = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+    entries = parse_known_hosts(line(hashed, k))
+    assert KnownHosts(Path("x"), tuple(entries)).check("xfer.example", 32, k) == "ok"
+    assert hosts_match("*.example,!bad.example", "good.example")
+    assert not hosts_match("*.example,!bad.example", "bad.example")
+    assert hosts_match("[h?.example]:32", "[h1.example]:32")
+    revoked = parse_known_hosts(line("h", k) + "\n@revoked * " + line("", k).strip())
+    assert KnownHosts(Path("x"), tuple(revoked)).check("h", 22, k) == "changed"
+
+
+def test_known_hosts_ignores_damaged_lines() -> None:
+    k = key("ssh-ed25519")
+    text = "\n".join(
+        [
+            "# comment",
+            "h ssh-ed25519",  # too short
+            "h ssh-ed25519 !!!notbase64",
+            line("h", key("ssh-rsa")).replace("ssh-rsa AAAA", "ssh-ed25519 AAAA"),  # type lies
+            "@cert-authority " + line("h", k),
+            line("h", k),
+        ]
+    )
+    assert [e.key for e in parse_known_hosts(text)] == [k]
+
+
+def test_pin_replaces_the_hosts_old_keys_and_keeps_others(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "known_hosts"
+    other = key("ssh-ed25519", b"other-host")
+    path.parent.mkdir()
+    path.write_text(line("other.example", other) + "\n" + line("[h]:32", key("ssh-rsa")) + "\n")
+    new = key("ssh-ed25519", b"new")
+    pin(path, "h", 32, [new])
+    loaded = KnownHosts.load(path)
+    assert loaded.keys_for("h", 32) == [new]
+    assert loaded.keys_for("other.example", 22) == [other]
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_pinned_key_types_are_offered_first() -> None:
+    available = ("ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512", "rsa-sha2-256")
+    assert _host_key_types([key("ssh-rsa")], available)[:2] == ["rsa-sha2-512", "rsa-sha2-256"]
+    assert _host_key_types([], available) == list(available)
+
+
+# --- ledger --------------------------------------------------------------------------------
+
+
+def test_ledger_migrates_once_and_uses_wal(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        assert ledger.schema_version >= 1
+    with Ledger.open(tmp_path) as ledger:
+        assert ledger.schema_version >= 1
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        versions = [r[0] for r in db.execute("SELECT version FROM schema_migrations")]
+    assert versions == sorted(set(versions))
+
+
+def test_ledger_refuses_a_newer_schema(tmp_path: Path) -> None:
+    Ledger.open(tmp_path).close()
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        db.execute("INSERT INTO schema_migrations VALUES (999, 'future', 'now')")
+    with pytest.raises(Exception, match="newer version"):
+        Ledger.open(tmp_path)
+
+
+def test_history_is_one_indexed_query_per_server(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        run = ledger.start_run("fetch")
+        for i in range(300):
+            ledger.record_fetched(
+                SERVER,
+                remote_path=f"f{i}.pgp",
+                size=i,
+                mtime=1,
+                version=1,
+                inbox_name=f"f{i}.pgp",
+                sha256="0" * 64,
+                run_id=run,
+            )
+        ledger.record_fetched(
+            ServerId("other", 22, "x"),
+            remote_path="f1.pgp",
+            size=5,
+            mtime=5,
+            version=1,
+            inbox_name="other-f1.pgp",
+            sha256="0" * 64,
+            run_id=run,
+        )
+        history = ledger.history(SERVER)
+        ledger.finish_run(run, result="ok", exit_code=0, counts=RunCounts(fetched=301))
+    assert len(history) == 300 and history["f1.pgp"] == {(1, 1)}
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        query_plan = " ".join(
+            str(r[3])
+            for r in db.execute(
+                "EXPLAIN QUERY PLAN SELECT remote_path, size, mtime FROM fetched "
+                "WHERE host=? AND port=? AND username=?",
+                ("h", 1, "u"),
+            )
+        )
+    assert query_plan.startswith("SEARCH fetched USING COVERING INDEX"), query_plan
+
+
+def test_refused_names_are_recorded_once_with_a_count(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        ledger.record_refused(SERVER, [("../x.pgp", "is or contains '..'")])
+        ledger.record_refused(SERVER, [("../x.pgp", "is or contains '..'")])
+        assert ledger.refused_names(SERVER) == {"../x.pgp": "is or contains '..'"}
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        assert db.execute("SELECT times FROM refused").fetchone()[0] == 2
