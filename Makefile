@@ -29,9 +29,11 @@ system-deps:
 demo: system-deps install
 	bash scripts/demo.sh $(BIN)/ibkr-statements
 
+LINTED := statements tests $(wildcard bench)
+
 lint: dev
-	$(BIN)/ruff check statements tests bench
-	$(BIN)/ruff format --check statements tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy --strict statements
 
 pytest: dev system-deps

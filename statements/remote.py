@@ -462,8 +462,17 @@ def retry(settings: SftpSettings, attempt: Callable[[], _T], *, what: str) -> _T
     raise AssertionError("unreachable")
 
 
+def _resolved(host: str, port: int) -> str:
+    """How this machine sees the target: the addresses the name resolves to here."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return "does not resolve here"
+    return "resolves here to " + ", ".join(sorted({str(info[4][0]) for info in infos}))
+
+
 def _unreachable(settings: SftpSettings, exc: Transient) -> RemoteError:
-    target = f"{settings.host}:{settings.port}"
+    target = f"{settings.host}:{settings.port} ({_resolved(settings.host, settings.port)})"
     cause = exc.__cause__
     attempts = settings.retries + 1
     if isinstance(cause, TimeoutError | socket.timeout):
