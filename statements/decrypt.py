@@ -1,0 +1,577 @@
+"""Decrypt one PGP file from IBKR into a plaintext file, trusting only what gpg's status proves.
+
+gpg runs in the project's own GnuPG home (``[pgp] gnupg_home``) through
+:func:`statements.keys.pgp.open_gnupg`: loopback pinentry, batch mode, an agent that caches no
+passphrase, and nothing taken from ``$HOME``. The ciphertext is streamed to gpg and gpg writes the
+plaintext straight into a temporary file beside the output, so no file is ever held in memory.
+
+A decryption counts only when gpg's status lines prove it (observed with GnuPG 2.2.40):
+
+- ``DECRYPTION_OKAY`` and exit status 0. The one exception is a signature gpg could not accept
+  (``ERRSIG`` exits 2, ``BADSIG`` 1) after it had confirmed the decryption.
+- ``DECRYPTION_INFO <mdc_method> <sym_algo> [<aead_algo>]`` shows an MDC or AEAD. gpg 2.2 writes
+  the whole plaintext of a message without integrity protection before it fails with
+  ``DECRYPTION_FAILED``, and with ``ignore-mdc-error`` in gpg.conf it reports success.
+- The message was encrypted to a public key (``ENC_TO``). gpg would otherwise accept a
+  symmetrically encrypted file if its password happened to be our key's passphrase, and a
+  file that is only signed gives exit status 0 and a plaintext without any decryption.
+- The plaintext file holds as many bytes as ``PLAINTEXT_LENGTH`` announced.
+
+Anything else is a :class:`DecryptFailed` for that one file, and no output file is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from statements.errors import ExitCode, KeyProblem, StatementsError
+from statements.fsutil import fsync_dir
+from statements.keys.pgp import check_passphrase, open_gnupg, status_summary
+
+SignatureState = Literal["none", "good", "bad", "unverifiable"]
+FailureKind = Literal[
+    "no_secret_key",
+    "bad_passphrase",
+    "no_passphrase",
+    "no_integrity",
+    "corrupt",
+    "signature_required",
+    "bad_signature",
+    "key_expired",
+    "key_revoked",
+    "no_output",
+    "gpg_error",
+]
+
+_STATUS_PREFIX = "[GNUPG:] "
+# libgpg-error's GPG_ERR_BAD_PASSPHRASE. gpg 2.2.40 with loopback pinentry reports a wrong
+# passphrase only as "ERROR pkdecrypt_failed <code>", never with a BAD_PASSPHRASE status line.
+_GPG_ERR_BAD_PASSPHRASE = 11
+_GPG_ERR_CODE_MASK = 0xFFFF
+# Signature statuses other than a good one: each starts or updates the current signature.
+_SIG_UNVERIFIABLE = {"ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG"}
+_SIG_WHY = {
+    "ERRSIG": "could not be checked (the signer's public key is not in the GnuPG home)",
+    "EXPSIG": "has expired",
+    "EXPKEYSIG": "was made by a key that has expired",
+    "REVKEYSIG": "was made by a key that was revoked",
+    "BADSIG": "is BAD: the content does not match what was signed",
+}
+
+_RETRY = "then `ibkr-statements decrypt --retry-quarantine`"
+_PASSPHRASE_PLACES = (
+    "the environment variable named by [pgp] passphrase_env (default IBKR_PGP_PASSPHRASE) "
+    "or the file named by [pgp] passphrase_file"
+)
+
+
+@dataclass(frozen=True)
+class Decrypted:
+    output: Path  # the plaintext file: exists, fsynced
+    integrity: str  # "mdc" or "aead"
+    recipients: tuple[str, ...]  # key ids from ENC_TO lines
+    signature: SignatureState
+    signer_fingerprint: str | None  # primary-key fingerprint from VALIDSIG, upper case
+    status_lines: tuple[str, ...]  # gpg's [GNUPG:] lines; never the passphrase
+
+
+class DecryptFailed(StatementsError):
+    """One file could not be decrypted (or was refused); the rest of the run goes on."""
+
+    exit_code = ExitCode.PARTIAL
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        hint: str | None = None,
+        *,
+        status_lines: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, hint)
+        self.kind: FailureKind = kind
+        self.status_lines = status_lines
+
+
+@dataclass
+class Signature:
+    """One signature as gpg reported it, from NEWSIG to its VALIDSIG."""
+
+    verdict: str = ""  # the status word: GOODSIG, BADSIG, ERRSIG, EXPKEYSIG, ...
+    key_id: str = ""
+    issuer_fingerprint: str = ""  # ERRSIG's field 7 (gpg >= 2.2.7): unverified, may be a subkey
+    primary_fingerprint: str = ""  # from VALIDSIG: field 10, else field 1
+
+    @property
+    def good(self) -> bool:
+        return self.verdict == "GOODSIG" and bool(self.primary_fingerprint)
+
+    def who(self) -> str:
+        return self.primary_fingerprint or self.issuer_fingerprint or f"key id {self.key_id}"
+
+
+@dataclass
+class GpgStatus:
+    """What gpg's status lines say about one decryption."""
+
+    recipients: list[str] = field(default_factory=list)  # ENC_TO key ids
+    no_seckey: list[str] = field(default_factory=list)  # NO_SECKEY key ids
+    session_key: bool = False  # DECRYPTION_KEY or DECRYPTION_INFO: a secret key unlocked it
+    okay: bool = False  # DECRYPTION_OKAY
+    failed: bool = False  # DECRYPTION_FAILED
+    bad_mdc: bool = False
+    no_data: bool = False
+    need_passphrase: bool = False
+    missing_passphrase: bool = False
+    bad_passphrase: bool = False
+    key_expired: bool = False
+    key_revoked: bool = False
+    errors: list[str] = field(default_factory=list)  # ERROR lines
+    # (mdc_method, aead_algo) of each DECRYPTION_INFO line.
+    protection: list[tuple[int, int]] = field(default_factory=list)
+    plaintext_length: int | None = None
+    signatures: list[Signature] = field(default_factory=list)
+
+    def signature(self) -> tuple[SignatureState, str | None]:
+        """The overall signature state: the worst of the signatures, and the good signer."""
+        if not self.signatures:
+            return "none", None
+        if any(sig.verdict == "BADSIG" for sig in self.signatures):
+            return "bad", None
+        if not all(sig.good for sig in self.signatures):
+            return "unverifiable", None
+        return "good", self.signatures[0].primary_fingerprint
+
+    def integrity(self) -> str | None:
+        """The protection of every encrypted packet ("mdc" or "aead"), None if one had none."""
+        if not self.protection:
+            return None
+        if all(mdc != 0 for mdc, _ in self.protection):
+            return "mdc"
+        if all(mdc != 0 or aead != 0 for mdc, aead in self.protection):
+            return "aead"
+        return None
+
+
+def parse_status(lines: Sequence[str]) -> GpgStatus:
+    """Read gpg's ``[GNUPG:]`` lines (other lines are ignored)."""
+    st = GpgStatus()
+    for line in lines:
+        if not line.startswith(_STATUS_PREFIX):
+            continue
+        word, _, rest = line[len(_STATUS_PREFIX) :].strip().partition(" ")
+        args = rest.split()
+        if word == "ENC_TO" and args:
+            st.recipients.append(args[0].upper())
+        elif word == "NO_SECKEY" and args:
+            st.no_seckey.append(args[0].upper())
+        elif word == "DECRYPTION_KEY":
+            st.session_key = True
+        elif word == "DECRYPTION_INFO":
+            st.session_key = True
+            st.protection.append((_int(args, 0), _int(args, 2)))
+        elif word == "DECRYPTION_OKAY":
+            st.okay = True
+        elif word == "DECRYPTION_FAILED":
+            st.failed = True
+        elif word == "BADMDC":
+            st.bad_mdc = True
+        elif word == "NODATA":
+            st.no_data = True
+        elif word in ("NEED_PASSPHRASE", "NEED_PASSPHRASE_SYM", "INQUIRE_MAXLEN"):
+            st.need_passphrase = True
+        elif word == "MISSING_PASSPHRASE":
+            st.missing_passphrase = True
+        elif word == "BAD_PASSPHRASE":
+            st.bad_passphrase = True
+        elif word == "KEYEXPIRED":
+            st.key_expired = True
+        elif word == "KEYREVOKED":
+            st.key_revoked = True
+        elif word == "ERROR":
+            st.errors.append(rest)
+            if _int(args, 1) & _GPG_ERR_CODE_MASK == _GPG_ERR_BAD_PASSPHRASE:
+                st.bad_passphrase = True
+        elif word == "PLAINTEXT_LENGTH" and args and args[0].isdigit():
+            st.plaintext_length = (st.plaintext_length or 0) + int(args[0])
+        elif word == "NEWSIG":
+            st.signatures.append(Signature())
+        elif word in ("GOODSIG", "BADSIG", *_SIG_UNVERIFIABLE):
+            sig = _current_signature(st)
+            sig.verdict = word
+            sig.key_id = args[0].upper() if args else ""
+            if word == "ERRSIG" and len(args) >= 7:
+                sig.issuer_fingerprint = args[6].upper()
+        elif word == "VALIDSIG" and args:
+            sig = _current_signature(st)
+            sig.primary_fingerprint = (args[9] if len(args) >= 10 else args[0]).upper()
+    return st
+
+
+def _current_signature(st: GpgStatus) -> Signature:
+    # gpg 2.2 starts every signature with NEWSIG; older versions did not.
+    if not st.signatures:
+        st.signatures.append(Signature())
+    return st.signatures[-1]
+
+
+def _int(args: list[str], index: int) -> int:
+    try:
+        return int(args[index])
+    except (IndexError, ValueError):
+        return 0
+
+
+def failure_kind(
+    st: GpgStatus, returncode: int | None, *, passphrase_given: bool, output_size: int | None
+) -> FailureKind | None:
+    """Why this decryption does not count, or None when gpg proved it (signatures aside)."""
+    # A signature gpg could not accept makes it exit non-zero after a good decryption; the
+    # signature policy decides about that. Any other non-zero exit is a failure.
+    signature_trouble = any(not sig.good for sig in st.signatures)
+    exit_ok = returncode == 0 or (returncode in (1, 2) and signature_trouble and not st.errors)
+    if not (st.okay and exit_ok and not st.failed and not st.bad_mdc):
+        return _cause(st, passphrase_given=passphrase_given)
+    if not st.recipients:
+        return "corrupt"  # decrypted, but not a message encrypted to a public key
+    if st.integrity() is None:
+        return "no_integrity"
+    if output_size is None or (
+        st.plaintext_length is not None and output_size != st.plaintext_length
+    ):
+        return "no_output"
+    return None
+
+
+def _cause(st: GpgStatus, *, passphrase_given: bool) -> FailureKind:
+    """The reason gpg failed, most specific first."""
+    if st.missing_passphrase or (st.need_passphrase and not passphrase_given):
+        return "no_passphrase"
+    if st.bad_passphrase:
+        return "bad_passphrase"
+    if st.no_seckey and not st.session_key:
+        return "no_secret_key"
+    if st.protection and st.integrity() is None:
+        return "no_integrity"  # gpg 2.2 itself fails such a message with DECRYPTION_FAILED
+    if any(sig.verdict == "BADSIG" for sig in st.signatures):
+        return "bad_signature"  # gpg 2.2 stops at a bad signature, before the MDC is checked
+    # gpg 2.2.40 decrypts with an expired or revoked key; these are for a gpg that refuses.
+    if st.key_revoked and not st.session_key:
+        return "key_revoked"
+    if st.key_expired and not st.session_key:
+        return "key_expired"
+    if st.no_data or st.bad_mdc or st.failed or not st.recipients:
+        return "corrupt"
+    return "gpg_error"
+
+
+@dataclass(frozen=True)
+class _HeldKey:
+    fingerprint: str
+    subkey_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        if not self.subkey_ids:
+            return self.fingerprint
+        return f"{self.fingerprint} (subkey id {', '.join(self.subkey_ids)})"
+
+
+class Decryptor:
+    """Decrypts files with the secret key in ``home``; one instance serves a whole run."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        passphrase: str | None,
+        signer_fingerprints: tuple[str, ...] = (),
+        gpg_binary: str = "gpg",
+    ) -> None:
+        if passphrase is not None:
+            # python-gnupg would otherwise send an empty one as nothing, and gpg would read the
+            # ciphertext's first line as the passphrase; a line break would end it early.
+            check_passphrase(passphrase, "PGP key")
+        signers = tuple(f.replace(" ", "").upper() for f in signer_fingerprints)
+        for fpr in signers:
+            if len(fpr) != 40 or any(ch not in "0123456789ABCDEF" for ch in fpr):
+                raise KeyProblem(
+                    f"{fpr!r} in [pgp] signer_fingerprints is not a 40-hex-digit fingerprint.",
+                    "Copy the signer's primary key fingerprint from `gpg --fingerprint`.",
+                )
+        self.home = home.absolute()
+        self.signer_fingerprints = signers
+        self.gpg_binary = gpg_binary
+        self._passphrase = passphrase
+        self._gpg: Any = None
+        self._lock = threading.Lock()
+
+    def preflight(self) -> None:
+        """Run-level checks, before any file: raise KeyProblem (exit 3) when none can succeed."""
+        gpg = self._open()  # raises KeyProblem when the gpg binary is missing or too old
+        if not self._held_keys():
+            raise KeyProblem(
+                f"The GnuPG home {self.home} holds no PGP secret key: no file can be decrypted.",
+                "Create one with `ibkr-statements keys pgp` (and send IBKR the new public key) "
+                "or restore a backup of the key pair.",
+            )
+        if self.signer_fingerprints:
+            listing = gpg.list_keys(keys=list(self.signer_fingerprints))
+            found = {str(f).upper() for f in listing.fingerprints}
+            missing = [f for f in self.signer_fingerprints if f not in found]
+            if missing:
+                raise KeyProblem(
+                    f"The public key of the signer {', '.join(missing)} named in [pgp] "
+                    f"signer_fingerprints is not in the GnuPG home {self.home}: no signature "
+                    "from it could be verified.",
+                    f"Import it: gpg --homedir {self.home} --import SIGNER-KEY.asc "
+                    "(or check that the fingerprint is the signer's primary key).",
+                )
+
+    def held_fingerprints(self) -> tuple[str, ...]:
+        """Primary-key fingerprints of the secret keys in the home."""
+        return tuple(key.fingerprint for key in self._held_keys())
+
+    def decrypt(self, source: Path, output: Path) -> Decrypted:
+        """Decrypt ``source`` into ``output`` (replaced atomically); raises DecryptFailed."""
+        gpg = self._open()
+        try:
+            stream = source.open("rb")
+        except OSError as exc:
+            raise DecryptFailed(
+                "gpg_error", f"Cannot read {source}: {exc.strerror}.", "Check the inbox folder."
+            ) from None
+        with stream:
+            try:
+                # mkstemp makes the file 0600; gpg's --output --yes writes into this very file
+                # (the same inode), so the plaintext is never readable by others.
+                fd, tmp_name = tempfile.mkstemp(
+                    dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"
+                )
+            except OSError as exc:
+                raise DecryptFailed(
+                    "no_output",
+                    f"Cannot write the plaintext of {source.name} in {output.parent}: "
+                    f"{exc.strerror}.",
+                    "Check that the folder exists, is writable and the disk is not full.",
+                ) from None
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                return self._decrypt(gpg, source, stream, tmp, output)
+            finally:
+                # Only a successful decryption renamed it; every failure leaves nothing behind.
+                tmp.unlink(missing_ok=True)
+
+    def _decrypt(self, gpg: Any, source: Path, stream: Any, tmp: Path, output: Path) -> Decrypted:
+        result = gpg.result_map["crypt"](gpg)
+        # gpg.decrypt_file() would build the same command, but it raises BrokenPipeError when
+        # gpg stops reading early (no passphrase, wrong key) and the result with gpg's status
+        # lines is lost; calling _handle_io with our own result object keeps them.
+        args = [
+            "--decrypt",
+            "--output",
+            str(tmp),
+            "--yes",
+            "--trust-model",
+            "always",  # a signature is judged against signer_fingerprints, not the web of trust
+            "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
+        ]
+        crash: str | None = None
+        try:
+            gpg._handle_io(args, stream, result, passphrase=self._passphrase, binary=True)
+        except (OSError, ValueError) as exc:
+            crash = str(exc)
+        stderr = str(getattr(result, "stderr", "") or "")
+        lines = self._status_lines(stderr)
+        returncode = getattr(result, "returncode", None)
+        st = parse_status(lines)
+        try:
+            size: int | None = tmp.stat().st_size
+        except OSError:
+            size = None
+        kind = failure_kind(
+            st, returncode, passphrase_given=self._passphrase is not None, output_size=size
+        )
+        if kind is None and crash is not None:
+            kind = "gpg_error"
+        if kind is not None:
+            raise self._failure(kind, source, st, stderr, lines, crash, size)
+        signature, signer = st.signature()
+        self._check_signature(source, st, lines)
+        _fsync_file(tmp)
+        tmp.replace(output)
+        fsync_dir(output.parent)
+        return Decrypted(
+            output=output,
+            integrity=st.integrity() or "",
+            recipients=tuple(dict.fromkeys(st.recipients)),
+            signature=signature,
+            signer_fingerprint=signer,
+            status_lines=lines,
+        )
+
+    def _check_signature(self, source: Path, st: GpgStatus, lines: tuple[str, ...]) -> None:
+        if not self.signer_fingerprints:
+            return  # reported in Decrypted.signature, not required
+        allowed = set(self.signer_fingerprints)
+        if any(sig.good and sig.primary_fingerprint in allowed for sig in st.signatures) and all(
+            sig.verdict != "BADSIG" for sig in st.signatures
+        ):
+            return
+        wanted = ", ".join(self.signer_fingerprints)
+        hint = (
+            f"Make sure the file comes from IBKR; if IBKR changed its signing key, import the new "
+            f"one (gpg --homedir {self.home} --import KEY.asc) and update [pgp] "
+            f"signer_fingerprints, {_RETRY}."
+        )
+        bad = [sig for sig in st.signatures if sig.verdict == "BADSIG"]
+        if bad:
+            raise DecryptFailed(
+                "bad_signature",
+                f"The signature on {source.name} by {bad[0].who()} {_SIG_WHY['BADSIG']}.",
+                "Do not use this file: ask IBKR to deliver it again.",
+                status_lines=lines,
+            )
+        if not st.signatures:
+            seen = "it is not signed"
+        else:
+            seen = "; ".join(
+                f"it is signed by {sig.who()}"
+                + ("" if sig.good else f", and that signature {_SIG_WHY.get(sig.verdict, '')}")
+                for sig in st.signatures
+            )
+        raise DecryptFailed(
+            "signature_required",
+            f"{source.name} has no good signature from the required signer {wanted}: {seen}.",
+            hint,
+            status_lines=lines,
+        )
+
+    def _failure(
+        self,
+        kind: FailureKind,
+        source: Path,
+        st: GpgStatus,
+        stderr: str,
+        lines: tuple[str, ...],
+        crash: str | None,
+        size: int | None,
+    ) -> DecryptFailed:
+        name = source.name
+        said = status_summary(stderr, self._passphrase)
+        if crash:
+            said = f"{said}; {crash}"
+        message, hint = f"gpg could not decrypt {name}: {said}.", None
+        if kind == "no_passphrase":
+            message = f"{name} needs the passphrase of the PGP key, and none was given."
+            hint = f"Set it in {_PASSPHRASE_PLACES}, {_RETRY}."
+        elif kind == "bad_passphrase":
+            message = f"The PGP passphrase is wrong for the key {name} is encrypted to."
+            hint = (
+                f"Give the passphrase chosen at `ibkr-statements keys pgp` in "
+                f"{_PASSPHRASE_PLACES}, {_RETRY}."
+            )
+        elif kind == "no_secret_key":
+            wanted = ", ".join(dict.fromkeys(st.no_seckey or st.recipients))
+            held = "; ".join(key.describe() for key in self._held_keys_or_empty()) or "no key"
+            message = (
+                f"{name} was encrypted to key id {wanted}, which this project does not hold; "
+                f"the GnuPG home {self.home} holds {held}."
+            )
+            hint = (
+                "Send IBKR keys/pgp-public.asc again (`ibkr-statements keys export`), or restore "
+                f"or import the matching secret key, {_RETRY}."
+            )
+        elif kind == "no_integrity":
+            message = (
+                f"{name} is not integrity-protected (no MDC or AEAD): it could have been altered "
+                "on the way, so its plaintext was not kept."
+            )
+            hint = "Ask IBKR to deliver it again; current OpenPGP software always protects it."
+        elif kind == "corrupt" and (st.no_data or st.bad_mdc or st.failed or st.recipients):
+            message = f"{name} is damaged or not a PGP message: {said}."
+            hint = (
+                f"A download cut short looks like this: fetch it again, {_RETRY}; if it stays "
+                "so, ask IBKR to deliver it again."
+            )
+        elif kind == "corrupt":
+            # gpg "decrypted" it (a signed-only or password-encrypted file) but not with our key.
+            message = (
+                f"{name} is not encrypted to a public key (it is only signed, or encrypted with "
+                "a password), so it is not accepted as a delivery."
+            )
+            hint = "IBKR encrypts every report to your PGP public key: ask IBKR where it came from."
+        elif kind == "bad_signature":
+            bad = next(sig for sig in st.signatures if sig.verdict == "BADSIG")
+            message = f"The signature on {name} by {bad.who()} {_SIG_WHY['BADSIG']}."
+            hint = "Do not use this file: ask IBKR to deliver it again."
+        elif kind in ("key_expired", "key_revoked"):
+            state = "expired" if kind == "key_expired" else "revoked"
+            message = f"gpg refused to decrypt {name}: the PGP key it is encrypted to is {state}."
+            hint = (
+                "Extend an expired key (gpg --quick-set-expire) or create a new key with "
+                "`ibkr-statements keys pgp` and send IBKR its public key."
+            )
+        elif kind == "no_output":
+            expected = "" if st.plaintext_length is None else f" of {st.plaintext_length} bytes"
+            found = "none" if size is None else f"{size} bytes"
+            message = (
+                f"gpg reported {name} decrypted but the plaintext{expected} is not there "
+                f"(found {found})."
+            )
+            hint = "Check free disk space and the permissions of the archive folder."
+        return DecryptFailed(kind, message, hint, status_lines=lines)
+
+    def _status_lines(self, stderr: str) -> tuple[str, ...]:
+        lines = []
+        for raw in stderr.splitlines():
+            line = raw.rstrip()
+            if not line.startswith(_STATUS_PREFIX):
+                continue
+            if self._passphrase and self._passphrase in line:
+                line = line.replace(self._passphrase, "***")  # gpg never echoes it; be sure
+            lines.append(line)
+        return tuple(lines)
+
+    def _open(self) -> Any:
+        with self._lock:
+            if self._gpg is None:
+                self._gpg = open_gnupg(self.home, self.gpg_binary)
+            return self._gpg
+
+    def _held_keys(self) -> list[_HeldKey]:
+        listing = self._open().list_keys(secret=True)
+        if listing.returncode not in (0, None):
+            raise KeyProblem(
+                f"gpg cannot list the secret keys in {self.home}: "
+                f"{status_summary(listing.stderr)}.",
+                f"Check the folder and its permissions: ls -la {self.home}",
+            )
+        return [
+            _HeldKey(
+                fingerprint=str(raw["fingerprint"]).upper(),
+                subkey_ids=tuple(str(sub[0]).upper() for sub in raw.get("subkeys", ())),
+            )
+            for raw in listing
+        ]
+
+    def _held_keys_or_empty(self) -> list[_HeldKey]:
+        # Only for a message: a listing failure must not hide the decryption failure.
+        try:
+            return self._held_keys()
+        except StatementsError:
+            return []
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
