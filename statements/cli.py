@@ -6,9 +6,11 @@ Everything a command does is a library function; this module only turns a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -470,11 +472,12 @@ class _RichFetchProgress:
         log.error("failed %s: %s", remote.relative, reason)
 
 
-@cli.command()
-@click.option("--dry-run", is_flag=True, help="List what would be fetched; change nothing.")
-@pass_app
-def fetch(app: App, dry_run: bool) -> None:
-    """Download the remote files not yet fetched into archive/.inbox."""
+@contextlib.contextmanager
+def _fetch_progress() -> Iterator[Any]:
+    """A progress bar on a terminal; elsewhere None, and the pipeline logs a line per file."""
+    if not err.is_terminal:
+        yield None
+        return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -484,21 +487,30 @@ def fetch(app: App, dry_run: bool) -> None:
         TransferSpeedColumn,
     )
 
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        yield _RichFetchProgress(bar)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be fetched; change nothing.")
+@pass_app
+def fetch(app: App, dry_run: bool) -> None:
+    """Download the remote files not yet fetched into archive/.inbox."""
     from statements.pipeline import fetch_from_config
 
     cfg = app.config()
-    if dry_run or not err.is_terminal:
-        summary = fetch_from_config(cfg, dry_run=dry_run)
+    if dry_run:
+        summary = fetch_from_config(cfg, dry_run=True)
     else:
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-        )
-        with Progress(*columns, console=err, transient=True) as bar:
-            summary = fetch_from_config(cfg, progress=_RichFetchProgress(bar))
+        with _fetch_progress() as progress:
+            summary = fetch_from_config(cfg, progress=progress)
     if dry_run:
         for item in summary.new:
             out.print(f"would fetch {item.remote.relative} ({item.remote.size} bytes)")
@@ -515,6 +527,98 @@ def fetch(app: App, dry_run: bool) -> None:
         err.print(f"failed: {failure.name}: {failure.reason}")
     if summary.failures:
         raise SystemExit(int(ExitCode.PARTIAL))
+
+
+@cli.command()
+@click.option(
+    "--retry-quarantine",
+    is_flag=True,
+    help="Move quarantined files back to the inbox first and try them again.",
+)
+@pass_app
+def decrypt(app: App, retry_quarantine: bool) -> None:
+    """Decrypt, unpack and archive everything waiting in archive/.inbox."""
+    from statements.pipeline import decrypt_from_config
+
+    summary = decrypt_from_config(app.config(), retry_quarantine=retry_quarantine)
+    out.print(
+        f"archived {summary.archived_files} file(s) from {summary.processed} fetched, "
+        f"quarantined {len(summary.failures)}"
+    )
+    _report_archive_failures(summary.failures)
+
+
+def _report_archive_failures(failures: list[Any]) -> None:
+    for failure in failures:
+        err.print(f"quarantined: {failure.name}: {failure.reason}")
+    if failures:
+        err.print("See archive/.quarantine/*.error.txt; retry with: decrypt --retry-quarantine")
+        raise SystemExit(int(ExitCode.PARTIAL))
+
+
+@cli.command()
+@pass_app
+def run(app: App) -> None:
+    """One nightly cycle: fetch new files and archive each as soon as it lands."""
+    from statements.pipeline import run_from_config
+
+    with _fetch_progress() as progress:
+        cycle = run_from_config(app.config(), progress=progress)
+    fetch, archive = cycle.fetch, cycle.archive
+    out.print(
+        f"fetched {fetch.fetched} new, skipped {fetch.skipped}, refused {fetch.refused}, "
+        f"failed {len(fetch.failures)}; archived {archive.archived_files} file(s), "
+        f"quarantined {len(archive.failures)}; {fetch.bytes} bytes in {fetch.seconds:.1f} s"
+    )
+    if cycle.deleted_remote:
+        out.print(f"deleted {cycle.deleted_remote} archived file(s) on the server")
+    for failure in fetch.failures:
+        err.print(f"failed: {failure.name}: {failure.reason}")
+    _report_archive_failures(archive.failures)
+    if fetch.failures:
+        raise SystemExit(int(ExitCode.PARTIAL))
+
+
+@cli.command()
+@click.option("--runs", default=10, show_default=True, help="How many recent runs to show.")
+@pass_app
+def status(app: App, runs: int) -> None:
+    """Last runs, what waits in the inbox and quarantine, and the latest period per account."""
+    from statements.status import status_report
+
+    report = status_report(app.config(), runs=runs)
+    if not report.ledger_exists:
+        out.print("No runs yet: nothing has been fetched. Start with `ibkr-statements run`.")
+        return
+    table = Table(title="Recent runs")
+    for column in ("#", "command", "started", "ended", "result", "fetched", "archived", "failed"):
+        table.add_column(column)
+    for r in report.runs:
+        table.add_row(
+            str(r.id),
+            r.command,
+            r.started_at,
+            r.ended_at or "(running or killed)",
+            r.result or "-",
+            str(r.fetched),
+            str(r.archived),
+            str(r.failed),
+        )
+    out.print(table)
+    accounts = Table(title="Archive by account")
+    for column in ("account", "latest period end", "files"):
+        accounts.add_column(column)
+    for account, latest, files in report.accounts:
+        accounts.add_row(account, latest, str(files))
+    out.print(accounts)
+    out.print(f"Waiting in the inbox: {len(report.inbox)}")
+    for name in report.inbox:
+        out.print(f"  {name}")
+    out.print(f"In quarantine: {len(report.quarantine)}")
+    for item in report.quarantine:
+        out.print(f"  {item.name}: {item.reason}")
+    totals = ", ".join(f"{k}: {v}" for k, v in sorted(report.totals.items()))
+    out.print(f"Totals: {totals}")
 
 
 # --- entry point ---------------------------------------------------------------------------

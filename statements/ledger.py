@@ -71,6 +71,35 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        "archived files, quarantine reasons, signatures, remote deletions",
+        """
+        ALTER TABLE fetched ADD COLUMN failure TEXT;
+        ALTER TABLE fetched ADD COLUMN signature TEXT;
+        ALTER TABLE fetched ADD COLUMN signer TEXT;
+        ALTER TABLE fetched ADD COLUMN processed_at TEXT;
+        ALTER TABLE fetched ADD COLUMN remote_deleted_at TEXT;
+        CREATE TABLE archived (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            fetched_id INTEGER NOT NULL REFERENCES fetched(id),
+            path TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            member_of TEXT,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            account TEXT,
+            query TEXT,
+            period_from TEXT,
+            period_to TEXT,
+            version INTEGER NOT NULL,
+            archived_at TEXT NOT NULL,
+            run_id INTEGER REFERENCES runs(id)
+        );
+        CREATE INDEX archived_by_account ON archived (account, period_to);
+        CREATE INDEX archived_by_fetched ON archived (fetched_id);
+        """,
+    ),
 )
 
 
@@ -95,6 +124,35 @@ class FetchedRow:
     inbox_name: str
     sha256: str
     state: str
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    path: str  # relative to the archive root
+    name: str
+    member_of: str | None
+    sha256: str
+    size: int
+    account: str | None
+    query: str | None
+    period_from: str | None
+    period_to: str | None
+    version: int
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    command: str
+    started_at: str
+    ended_at: str | None
+    result: str | None
+    exit_code: int | None
+    fetched: int
+    archived: int
+    failed: int
+    refused: int
+    message: str | None
 
 
 @dataclass(frozen=True)
@@ -291,3 +349,133 @@ class Ledger:
             (server.host, server.port, server.username),
         )
         return dict(rows.fetchall())
+
+    # --- decrypt and archive -------------------------------------------------------------
+
+    def fetched_row(self, fetched_id: int) -> FetchedRow:
+        row = self._db.execute(
+            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "
+            "FROM fetched WHERE id=?",
+            (fetched_id,),
+        ).fetchone()
+        return FetchedRow(*row)
+
+    def fetched_at(self, fetched_id: int) -> str:
+        row = self._db.execute("SELECT fetched_at FROM fetched WHERE id=?", (fetched_id,))
+        return str(row.fetchone()[0])
+
+    def complete(
+        self,
+        fetched_id: int,
+        files: Sequence[ArchivedFile],
+        *,
+        signature: str,
+        signer: str | None,
+        run_id: int | None,
+    ) -> None:
+        """Record every archived file of one fetched file and mark it archived, atomically."""
+        stamp = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO archived (fetched_id, path, name, member_of, sha256, size, account, "
+                "query, period_from, period_to, version, archived_at, run_id) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (path) DO NOTHING",
+                [
+                    (
+                        fetched_id,
+                        f.path,
+                        f.name,
+                        f.member_of,
+                        f.sha256,
+                        f.size,
+                        f.account,
+                        f.query,
+                        f.period_from,
+                        f.period_to,
+                        f.version,
+                        stamp,
+                        run_id,
+                    )
+                    for f in files
+                ],
+            )
+            db.execute(
+                "UPDATE fetched SET state='archived', failure=NULL, signature=?, signer=?, "
+                "processed_at=? WHERE id=?",
+                (signature, signer, stamp, fetched_id),
+            )
+
+    def quarantine(self, fetched_id: int, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE fetched SET state='quarantined', failure=?, processed_at=? WHERE id=?",
+                (reason, now_iso(), fetched_id),
+            )
+
+    def requeue(self, fetched_id: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE fetched SET state='fetched', failure=NULL WHERE id=? "
+                "AND state='quarantined'",
+                (fetched_id,),
+            )
+
+    def archived_for(self, fetched_id: int) -> list[str]:
+        rows = self._db.execute(
+            "SELECT path FROM archived WHERE fetched_id=? ORDER BY id", (fetched_id,)
+        )
+        return [r[0] for r in rows]
+
+    def archived_files(self) -> list[tuple[str, str]]:
+        """(relative path, sha256) of everything archived."""
+        return [(r[0], r[1]) for r in self._db.execute("SELECT path, sha256 FROM archived")]
+
+    def sha_at(self, path: str) -> str | None:
+        row = self._db.execute("SELECT sha256 FROM archived WHERE path=?", (path,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def to_delete_remotely(self, server: ServerId) -> list[FetchedRow]:
+        rows = self._db.execute(
+            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "
+            "FROM fetched WHERE host=? AND port=? AND username=? AND state='archived' "
+            "AND remote_deleted_at IS NULL ORDER BY id",
+            (server.host, server.port, server.username),
+        )
+        return [FetchedRow(*row) for row in rows]
+
+    def mark_remote_deleted(self, fetched_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE fetched SET remote_deleted_at=? WHERE id=?", (now_iso(), fetched_id))
+
+    # --- status --------------------------------------------------------------------------
+
+    def recent_runs(self, limit: int = 10) -> list[RunRow]:
+        rows = self._db.execute(
+            "SELECT id, command, started_at, ended_at, result, exit_code, fetched, archived, "
+            "failed, refused, message FROM runs ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [RunRow(*row) for row in rows]
+
+    def quarantined(self) -> list[tuple[FetchedRow, str]]:
+        rows = self._db.execute(
+            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state, failure "
+            "FROM fetched WHERE state='quarantined' ORDER BY id"
+        )
+        return [(FetchedRow(*row[:8]), str(row[8] or "")) for row in rows]
+
+    def latest_by_account(self) -> list[tuple[str, str, int]]:
+        """(account, latest period end archived, number of files) per account."""
+        rows = self._db.execute(
+            "SELECT account, MAX(period_to), COUNT(*) FROM archived "
+            "WHERE account IS NOT NULL GROUP BY account ORDER BY account"
+        )
+        return [(str(r[0]), str(r[1] or "-"), int(r[2])) for r in rows]
+
+    def totals(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM fetched GROUP BY state")
+        totals = {str(state): int(count) for state, count in rows}
+        totals["archived files"] = int(
+            self._db.execute("SELECT COUNT(*) FROM archived").fetchone()[0]
+        )
+        return totals

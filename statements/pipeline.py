@@ -11,18 +11,34 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from statements.archive import (
+    Produced,
+    ReportName,
+    UnpackLimits,
+    destination,
+    parse_report_name,
+    place,
+    plaintext_name,
+    sha256_file,
+    unpack,
+)
 from statements.config import Config
+from statements.decrypt import Decryptor
 from statements.errors import ExitCode, RemoteError, StatementsError
-from statements.fsutil import PRIVATE_DIR, fsync_dir
-from statements.ledger import Ledger, RunCounts, ServerId
+from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir
+from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
+from statements.passphrase import PassphraseSource, read_passphrase
 from statements.remote import (
     Listing,
     RemoteFile,
@@ -93,7 +109,9 @@ class PlannedFetch:
 
 
 @dataclass(frozen=True)
-class FetchFailure:
+class FileFailure:
+    """One file that failed to fetch or to archive, and why; the others went on."""
+
     name: str
     reason: str
 
@@ -104,19 +122,9 @@ class FetchSummary:
     fetched: int = 0
     skipped: int = 0
     refused: int = 0
-    failures: list[FetchFailure] = field(default_factory=list)
+    failures: list[FileFailure] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
-
-    @property
-    def counts(self) -> RunCounts:
-        return RunCounts(
-            fetched=self.fetched,
-            skipped=self.skipped,
-            refused=self.refused,
-            failed=len(self.failures),
-            bytes=self.bytes,
-        )
 
 
 def inbox_dir(archive_root: Path) -> Path:
@@ -251,8 +259,12 @@ def fetch_new(
     progress: FetchProgress | None = None,
     dry_run: bool = False,
     stop: threading.Event | None = None,
+    on_landed: Callable[[], None] | None = None,
 ) -> FetchSummary:
-    """Fetch every new remote file into the inbox; the ledger knows each one afterwards."""
+    """Fetch every new remote file into the inbox; the ledger knows each one afterwards.
+
+    ``on_landed`` is called after each file is committed (the archiver waits on it).
+    """
     started = time.monotonic()
     progress = progress or NoProgress()
     stop = stop or threading.Event()
@@ -278,6 +290,8 @@ def fetch_new(
             return summary
         inbox = inbox_dir(archive_root)
         pending = _adopt_completed(planned, inbox, ledger, server, run_id, summary)
+        if on_landed is not None and len(pending) < len(planned):
+            on_landed()
         if pending:
             progress.started(len(pending), sum(p.remote.size for p in pending))
             _download_all(
@@ -293,6 +307,7 @@ def fetch_new(
                 retries=retries,
                 progress=progress,
                 stop=stop,
+                on_landed=on_landed or (lambda: None),
             )
     finally:
         first.close()
@@ -367,6 +382,7 @@ def _download_all(
     retries: int,
     progress: FetchProgress,
     stop: threading.Event,
+    on_landed: Callable[[], None],
 ) -> None:
     """Worker threads download; this thread alone commits to the ledger, as each file lands."""
     work: queue.Queue[PlannedFetch] = queue.Queue()
@@ -404,8 +420,9 @@ def _download_all(
             _commit(ledger, server, result.planned, result.sha256, run_id)
             summary.fetched += 1
             summary.bytes += result.transferred
+            on_landed()
         else:
-            summary.failures.append(FetchFailure(result[0].remote.relative, result[1]))
+            summary.failures.append(FileFailure(result[0].remote.relative, result[1]))
     for thread in threads:
         thread.join()
     for session in sessions:
@@ -491,20 +508,429 @@ def fetch_from_config(
             )
         except StatementsError as exc:
             if run_id is not None:
-                ledger.finish_run(
-                    run_id,
-                    result="failed",
-                    exit_code=int(exc.exit_code),
-                    counts=RunCounts(),
-                    message=exc.message,
-                )
+                _failed(ledger, run_id, exc, RunCounts())
             raise
         if run_id is not None:
-            code = ExitCode.PARTIAL if summary.failures else ExitCode.OK
-            ledger.finish_run(
-                run_id,
-                result="partial" if summary.failures else "ok",
-                exit_code=int(code),
-                counts=summary.counts,
-            )
+            _finish(ledger, run_id, summary, ArchiveSummary())
     return summary
+
+
+# --- decrypt and archive -------------------------------------------------------------------
+
+ENCRYPTED = ".encrypted"
+QUARANTINE = ".quarantine"
+WORK = ".work"
+
+
+class DecryptResult(Protocol):
+    @property
+    def signature(self) -> str: ...
+
+    @property
+    def signer_fingerprint(self) -> str | None: ...
+
+
+class Decrypting(Protocol):
+    """What the pipeline needs of a decryptor (real: :class:`statements.decrypt.Decryptor`)."""
+
+    def decrypt(self, source: Path, output: Path) -> DecryptResult: ...
+
+
+@dataclass
+class ArchiveSummary:
+    archived_files: int = 0  # files written into the archive (zip members count one each)
+    processed: int = 0  # fetched files completed
+    already: int = 0  # contents found already archived (nothing written)
+    failures: list[FileFailure] = field(default_factory=list)
+    archived_ids: list[int] = field(default_factory=list)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    return path
+
+
+def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) -> None:
+    """Finish what a killed run left half done: ciphertexts of archived files, work folders."""
+    inbox = root / INBOX
+    for row in ledger.fetched_rows(("archived",)):
+        leftover = inbox / row.inbox_name
+        if leftover.exists():
+            _retire_ciphertext(leftover, root, keep_encrypted=keep_encrypted)
+    work = root / WORK
+    if work.exists():
+        shutil.rmtree(work)
+
+
+def _retire_ciphertext(source: Path, root: Path, *, keep_encrypted: bool) -> None:
+    if keep_encrypted:
+        target = _private_dir(root / ENCRYPTED) / source.name
+        source.replace(target)
+        fsync_dir(target.parent)
+    else:
+        source.unlink()
+    fsync_dir(source.parent)
+
+
+@dataclass(frozen=True)
+class ArchiveJob:
+    """Everything archiving one file needs besides the file and the ledger."""
+
+    root: Path
+    decryptor: Decrypting
+    limits: UnpackLimits
+    keep_encrypted: bool
+    run_id: int | None
+
+
+def archive_inbox(
+    ledger: Ledger,
+    job: ArchiveJob,
+    *,
+    only: Callable[[FetchedRow], bool] | None = None,
+    summary: ArchiveSummary | None = None,
+) -> ArchiveSummary:
+    """Decrypt, unpack and file every fetched file waiting in the inbox; quarantine failures."""
+    summary = summary if summary is not None else ArchiveSummary()
+    for row in ledger.fetched_rows(("fetched",)):
+        if only is None or only(row):
+            archive_one(row, ledger, job, summary)
+    return summary
+
+
+def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: ArchiveSummary) -> None:
+    root = job.root
+    source = root / INBOX / row.inbox_name
+    remote_name = posixpath.basename(row.remote_path)
+    if not source.exists():
+        log.error("%s is recorded as fetched but missing from the inbox", row.inbox_name)
+        ledger.quarantine(row.id, "the fetched file vanished from the inbox before decryption")
+        summary.failures.append(FileFailure(remote_name, "missing from the inbox"))
+        return
+    work = _private_dir(root / WORK / str(row.id))
+    started = time.monotonic()
+    try:
+        plain_name = plaintext_name(remote_name)
+        plaintext = work / plain_name
+        decrypted = job.decryptor.decrypt(source, plaintext)
+        produced = unpack(plaintext, plain_name, work / "members", job.limits)
+        bundle = parse_report_name(plain_name)
+        fetched_on = date.fromisoformat(ledger.fetched_at(row.id)[:10])
+        files = [_file_one(item, root, bundle, fetched_on) for item in produced]
+        ledger.complete(
+            row.id,
+            files,
+            signature=decrypted.signature,
+            signer=decrypted.signer_fingerprint,
+            run_id=job.run_id,
+        )
+        _retire_ciphertext(source, root, keep_encrypted=job.keep_encrypted)
+    except StatementsError as exc:
+        if exc.exit_code != ExitCode.PARTIAL:
+            raise  # a run-level problem (no gpg, no key): stop, leave the inbox as it is
+        _quarantine(row, source, root, ledger, exc)
+        summary.failures.append(FileFailure(remote_name, exc.message))
+        log.error(
+            "quarantined %s: %s",
+            remote_name,
+            exc.message,
+            extra={"event": "quarantined", "file": remote_name},
+        )
+        return
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary.processed += 1
+    summary.archived_ids.append(row.id)
+    for f in files:
+        log.info(
+            "archived %s",
+            f.path,
+            extra={
+                "event": "archived",
+                "file": f.path,
+                "account": f.account,
+                "bytes": f.size,
+                "duration": round(time.monotonic() - started, 3),
+            },
+        )
+    summary.archived_files += len(files)
+
+
+def _file_one(
+    item: Produced, root: Path, bundle: ReportName | None, fetched_on: date
+) -> ArchivedFile:
+    digest = sha256_file(item.path)
+    size = item.path.stat().st_size
+    relative = destination(item, bundle=bundle, fetched_on=fetched_on)
+    placement = place(item.path, root, relative, digest)
+    parsed = parse_report_name(item.name)
+    return ArchivedFile(
+        path=placement.relative.as_posix(),
+        name=item.name,
+        member_of=item.member_of,
+        sha256=digest,
+        size=size,
+        account=relative.parts[0] if not relative.parts[0].startswith("_") else None,
+        query=parsed.query if parsed else None,
+        period_from=parsed.period_from.isoformat() if parsed and parsed.period_from else None,
+        period_to=parsed.period_to.isoformat() if parsed and parsed.period_to else None,
+        version=placement.version,
+    )
+
+
+def _quarantine(
+    row: FetchedRow,
+    source: Path,
+    root: Path,
+    ledger: Ledger,
+    exc: StatementsError,
+) -> None:
+    folder = _private_dir(root / QUARANTINE)
+    target = folder / row.inbox_name
+    status = getattr(exc, "status_lines", ())
+    report = "\n".join(
+        [
+            f"ibkr-statements could not archive {posixpath.basename(row.remote_path)}",
+            f"time: {datetime.now(UTC).isoformat(timespec='seconds')}",
+            f"remote file: {row.remote_path} ({row.size} bytes, sha256 {row.sha256})",
+            f"what failed: {exc.message}",
+            f"what to do: {exc.hint or 'see the reason above'}; then run "
+            "`ibkr-statements decrypt --retry-quarantine`",
+            *(["gpg status:", *(f"  {line}" for line in status)] if status else []),
+            "",
+        ]
+    )
+    atomic_write(folder / f"{row.inbox_name}.error.txt", report.encode("utf-8"), PRIVATE_FILE)
+    source.replace(target)
+    fsync_dir(folder)
+    fsync_dir(source.parent)
+    ledger.quarantine(row.id, exc.message)
+
+
+def requeue_quarantined(ledger: Ledger, root: Path) -> int:
+    """Move every quarantined ciphertext back to the inbox for another try."""
+    moved = 0
+    inbox = inbox_dir(root)
+    for row, _reason in ledger.quarantined():
+        held = root / QUARANTINE / row.inbox_name
+        if held.exists():
+            held.replace(inbox / row.inbox_name)
+            (root / QUARANTINE / f"{row.inbox_name}.error.txt").unlink(missing_ok=True)
+        if (inbox / row.inbox_name).exists():
+            ledger.requeue(row.id)
+            moved += 1
+    return moved
+
+
+# --- decrypt and run, wired to the real collaborators ------------------------------------------
+
+
+def make_decryptor(cfg: Config) -> Decryptor:
+    source = PassphraseSource("PGP key", cfg.pgp.passphrase_env, cfg.pgp.passphrase_file)
+    decryptor = Decryptor(
+        cfg.pgp.gnupg_home,
+        passphrase=read_passphrase(source),
+        signer_fingerprints=cfg.pgp.signer_fingerprints,
+        gpg_binary=cfg.pgp.gpg_binary,
+    )
+    decryptor.preflight()
+    return decryptor
+
+
+def decrypt_from_config(cfg: Config, *, retry_quarantine: bool = False) -> ArchiveSummary:
+    """`ibkr-statements decrypt`: everything waiting in the inbox, recorded as a run."""
+    decryptor = make_decryptor(cfg)
+    root = cfg.archive.root
+    with Ledger.open(root) as ledger:
+        run_id = ledger.start_run("decrypt")
+        repair_archive_state(ledger, root, keep_encrypted=cfg.archive.keep_encrypted)
+        if retry_quarantine:
+            log.info(
+                "moved %d quarantined file(s) back to the inbox", requeue_quarantined(ledger, root)
+            )
+        job = ArchiveJob(
+            root,
+            decryptor,
+            UnpackLimits.from_config(cfg.archive),
+            cfg.archive.keep_encrypted,
+            run_id,
+        )
+        try:
+            summary = archive_inbox(ledger, job)
+        except StatementsError as exc:
+            _failed(ledger, run_id, exc, RunCounts())
+            raise
+        _finish(ledger, run_id, None, summary)
+    return summary
+
+
+@dataclass
+class CycleSummary:
+    fetch: FetchSummary
+    archive: ArchiveSummary
+    deleted_remote: int = 0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        failed = self.fetch.failures or self.archive.failures
+        return ExitCode.PARTIAL if failed else ExitCode.OK
+
+
+def _failed(ledger: Ledger, run_id: int, exc: StatementsError, counts: RunCounts) -> None:
+    ledger.finish_run(
+        run_id, result="failed", exit_code=int(exc.exit_code), counts=counts, message=exc.message
+    )
+
+
+def _finish(
+    ledger: Ledger, run_id: int, fetch: FetchSummary | None, archive: ArchiveSummary
+) -> None:
+    failed = len(archive.failures) + (len(fetch.failures) if fetch else 0)
+    counts = RunCounts(
+        fetched=fetch.fetched if fetch else 0,
+        skipped=fetch.skipped if fetch else 0,
+        refused=fetch.refused if fetch else 0,
+        failed=failed,
+        archived=archive.archived_files,
+        bytes=fetch.bytes if fetch else 0,
+    )
+    code = ExitCode.PARTIAL if failed else ExitCode.OK
+    problems = [*(fetch.failures if fetch else []), *archive.failures]
+    message = "; ".join(f"{f.name}: {f.reason}" for f in problems)[:2000]
+    ledger.finish_run(
+        run_id,
+        result="partial" if failed else "ok",
+        exit_code=int(code),
+        counts=counts,
+        message=message,
+    )
+
+
+def run_from_config(
+    cfg: Config,
+    *,
+    progress: FetchProgress | None = None,
+    stop: threading.Event | None = None,
+) -> CycleSummary:
+    """`ibkr-statements run`: fetch, and archive each file as soon as it has landed.
+
+    Decryption runs on its own thread with its own ledger connection while the fetch goes on,
+    so a night costs about the longer of the two, not their sum.
+    """
+    decryptor = make_decryptor(cfg)  # a key problem stops the run before any network traffic
+    settings = SftpSettings.from_config(cfg)
+    store = SftpStore(settings, load_login_key(cfg))
+    server = ServerId(settings.host, settings.port, settings.username)
+    root = cfg.archive.root
+    with Ledger.open(root) as ledger:
+        run_id = ledger.start_run("run")
+        repair_archive_state(ledger, root, keep_encrypted=cfg.archive.keep_encrypted)
+        job = ArchiveJob(
+            root,
+            decryptor,
+            UnpackLimits.from_config(cfg.archive),
+            cfg.archive.keep_encrypted,
+            run_id,
+        )
+        landed = threading.Event()
+        archiver = _Archiver(job, landed)
+        archiver.start()
+        try:
+            fetch = fetch_new(
+                store,
+                ledger,
+                server,
+                root,
+                workers=cfg.sftp.workers,
+                retries=cfg.sftp.retries,
+                run_id=run_id,
+                progress=progress,
+                stop=stop,
+                on_landed=landed.set,
+            )
+        except StatementsError as exc:
+            archiver.finish()
+            _failed(ledger, run_id, exc, RunCounts(archived=archiver.summary.archived_files))
+            raise
+        archiver.finish()
+        if archiver.error is not None:
+            _failed(ledger, run_id, archiver.error, RunCounts(fetched=fetch.fetched))
+            raise archiver.error
+        cycle = CycleSummary(fetch, archiver.summary)
+        if cfg.sftp.delete_after_archive:
+            cycle.deleted_remote = _delete_archived_remotes(store, ledger, server)
+        _finish(ledger, run_id, fetch, archiver.summary)
+    return cycle
+
+
+class _Archiver(threading.Thread):
+    """Archives whatever lands in the inbox until the fetch is over and the inbox is done."""
+
+    def __init__(self, job: ArchiveJob, landed: threading.Event) -> None:
+        super().__init__(name="archiver", daemon=True)
+        self.job = job
+        self.landed = landed
+        self.fetch_over = threading.Event()
+        self.summary = ArchiveSummary()
+        self.error: StatementsError | None = None
+
+    def finish(self) -> None:
+        """Tell it the fetch is over; wait until it has archived what landed."""
+        self.fetch_over.set()
+        self.landed.set()
+        self.join()
+
+    def run(self) -> None:
+        tried: set[int] = set()
+        try:
+            with Ledger.open(self.job.root) as ledger:
+                while True:
+                    # Read the flag before looking: a file landing after the look still
+                    # gets one more pass.
+                    over = self.fetch_over.is_set()
+                    self.landed.clear()
+                    before = len(tried)
+                    archive_inbox(
+                        ledger,
+                        self.job,
+                        only=lambda row: _first_try(row, tried),
+                        summary=self.summary,
+                    )
+                    if over and len(tried) == before:
+                        return
+                    if len(tried) == before:
+                        self.landed.wait(0.5)
+        except StatementsError as exc:
+            self.error = exc
+        except Exception as exc:  # reported by the main thread, never lost with the thread
+            log.exception("archiving failed")
+            self.error = StatementsError(f"Archiving stopped on an unexpected error: {exc!r}")
+
+
+def _first_try(row: FetchedRow, tried: set[int]) -> bool:
+    if row.id in tried:
+        return False
+    tried.add(row.id)
+    return True
+
+
+def _delete_archived_remotes(store: RemoteStore, ledger: Ledger, server: ServerId) -> int:
+    """delete_after_archive: only files whose whole content is archived and committed."""
+    rows = ledger.to_delete_remotely(server)
+    if not rows:
+        return 0
+    session = store.connect()
+    deleted = 0
+    try:
+        for row in rows:
+            remote = RemoteFile(row.remote_path, row.remote_path, row.size, row.mtime)
+            try:
+                session.remove(remote)
+            except StatementsError as exc:
+                log.warning("could not delete %s on the server: %s", row.remote_path, exc.message)
+                continue
+            ledger.mark_remote_deleted(row.id)
+            deleted += 1
+    finally:
+        session.close()
+    return deleted

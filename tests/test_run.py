@@ -1,0 +1,364 @@
+"""`ibkr-statements run`, `decrypt` and `status` end to end: real sshd, real gpg, real zips."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import sqlite3
+import subprocess
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.clitools import PGP_PASSPHRASE, Project
+from tests.sshd import SshdServer
+
+pytestmark = pytest.mark.integration
+
+TODAY = datetime.now(UTC).date().isoformat()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Sender:
+    """A GnuPG home that encrypts the way IBKR would: to our exported public key."""
+
+    home: Path
+    recipient: str
+
+    def gpg(self, *args: str, data: bytes) -> bytes:
+        return subprocess.run(
+            [
+                "gpg",
+                "--homedir",
+                str(self.home),
+                "--batch",
+                "--quiet",
+                "--trust-model",
+                "always",
+                *args,
+            ],
+            input=data,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+
+    def encrypt(self, data: bytes, *, armor: bool = False, recipient: str | None = None) -> bytes:
+        extra = ["--armor"] if armor else []
+        return self.gpg(*extra, "-r", recipient or self.recipient, "--encrypt", data=data)
+
+    def import_key(self, public_key: Path) -> None:
+        subprocess.run(
+            ["gpg", "--homedir", str(self.home), "--batch", "--quiet", "--import", str(public_key)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            ["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"],
+            check=False,
+            capture_output=True,
+        )
+
+
+def make_sender(tmp: Path, public_key: Path) -> Sender:
+    home = tmp / "sender"
+    home.mkdir(mode=0o700)
+    subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--quiet", "--import", str(public_key)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    listing = subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--with-colons", "--list-keys"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    fingerprint = next(
+        line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr")
+    )
+    return Sender(home, fingerprint)
+
+
+def stranger_key(tmp: Path) -> tuple[Path, str]:
+    """Another person's key pair, unprotected: files for it are not ours to decrypt."""
+    home = tmp / "stranger"
+    home.mkdir(mode=0o700)
+    subprocess.run(
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "Stranger <s@example.com>",
+            "rsa2048",
+            "cert,sign,encr",
+            "0",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    exported = tmp / "stranger-public.asc"
+    subprocess.run(
+        [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--armor",
+            "--output",
+            str(exported),
+            "--export",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    listing = subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--with-colons", "--list-keys"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+    return home, next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr"))
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def run_project(
+    keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
+) -> Project:
+    project = keyed_project.copy_to(tmp_path / "p")
+    shutil.copy(sshd.client_key_path, project.keys / "ibkr_rsa")
+    (project.keys / "ibkr_rsa").chmod(0o600)
+    (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
+    text = project.config.read_text()
+    text = text.replace('host = "xfer.interactivebrokers.com"', f'host = "{sshd.host}"')
+    text = text.replace("port = 32", f"port = {sshd.port}")
+    text = text.replace('username = ""', f'username = "{sshd.username}"')
+    text = text.replace('remote_dir = "."', f'remote_dir = "{sftp_dir}"')
+    project.config.write_text(text)
+    return project
+
+
+def env_for(project: Project, sshd: SshdServer) -> dict[str, str]:
+    return project.env(IBKR_SSH_PASSPHRASE=sshd.client_key_passphrase)
+
+
+def archive_tree(project: Project) -> dict[str, str]:
+    """Every archived plaintext (not the hidden folders) by relative path, with its sha256."""
+    root = project.root / "archive"
+    return {
+        p.relative_to(root).as_posix(): sha(p.read_bytes())
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.relative_to(root).parts[0].startswith(".")
+        and p.name != "index.sqlite3"
+        and not p.name.startswith("index.sqlite3")
+    }
+
+
+def test_run_archives_every_report_once_where_the_contract_says(
+    run_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
+) -> None:
+    sender = make_sender(tmp_path, run_project.keys / "pgp-public.asc")
+    _, stranger = stranger_key(tmp_path)
+    sender.import_key(tmp_path / "stranger-public.asc")
+    trade = b"<FlexQueryResponse queryName='Trade History'/>\n" * 500
+    equity = b"<FlexQueryResponse queryName='Equity Summary'/>\n" * 300
+    activity = b"<FlexQueryResponse queryName='Activity'/>\n" * 4000
+    jane = b"account,U20343697\n" + b"1,2,3\n" * 1000
+    john = b"account,U1111111\n" + b"4,5,6\n" * 1000
+    firm = b"firm summary without an account\n"
+    bundle = zip_bytes(
+        {
+            "Firm_2025_Q4_2025_Q4/Jane_Doe_U20343697_October_01_2025_December_31_2025.csv": jane,
+            "Firm_2025_Q4_2025_Q4/John_Roe_U1111111_October_01_2025_December_31_2025.csv": john,
+        }
+    )
+    unsorted = b"a report with a name nobody parses\n"
+    remote = {
+        "U4698258.Trade_History.20260901.20260901.xml.pgp": sender.encrypt(trade),
+        "U4698258.Equity_Summary_in_Base.20260901.20260901.xml.asc": sender.encrypt(
+            equity, armor=True
+        ),
+        "U4698258.Activity.20260901.20260930.xml.gz.gpg": sender.encrypt(gzip.compress(activity)),
+        "F9999999.Firm_Bundle.20251001.20251231.zip.pgp": sender.encrypt(
+            zip_bytes({"Firm_Summary.txt": firm})
+        ),
+        "Firm_2025_Q4_2025_Q4.zip.pgp": sender.encrypt(bundle),
+        "statement export.pgp": sender.encrypt(unsorted),
+        # Failures, each quarantined with its reason while the rest are archived:
+        "corrupt.pgp": os.urandom(4000),
+        "for-someone-else.pgp": sender.encrypt(b"not ours", recipient=stranger),
+        "truncated.pgp": sender.encrypt(trade)[:-200],
+        "zipslip.zip.pgp": sender.encrypt(zip_bytes({"../../evil.csv": b"x"})),
+    }
+    sender.stop()
+    for name, data in remote.items():
+        (sftp_dir / name).write_bytes(data)
+
+    env = env_for(run_project, sshd)
+    result = run_project.run("run", env=env)
+    assert result.returncode == 1, result.stderr  # some failed, the rest archived
+    expected = {
+        "U4698258/2026/U4698258.Trade_History.20260901.20260901.xml": sha(trade),
+        "U4698258/2026/U4698258.Equity_Summary_in_Base.20260901.20260901.xml": sha(equity),
+        "U4698258/2026/U4698258.Activity.20260901.20260930.xml": sha(activity),
+        "F9999999/2025/Firm_Summary.txt": sha(firm),
+        "U20343697/2025/Jane_Doe_U20343697_October_01_2025_December_31_2025.csv": sha(jane),
+        "U1111111/2025/John_Roe_U1111111_October_01_2025_December_31_2025.csv": sha(john),
+        f"_unsorted/{TODAY}/statement export": sha(unsorted),
+    }
+    assert archive_tree(run_project) == expected
+
+    root = run_project.root / "archive"
+    quarantined = {p.name for p in (root / ".quarantine").iterdir()}
+    for name in ("corrupt.pgp", "for-someone-else.pgp", "truncated.pgp", "zipslip.zip.pgp"):
+        assert name in quarantined and f"{name}.error.txt" in quarantined
+        report = (root / ".quarantine" / f"{name}.error.txt").read_text()
+        assert "what failed:" in report and "what to do:" in report
+        assert PGP_PASSPHRASE not in report
+        assert (root / ".quarantine" / name).read_bytes() == remote[name]
+    assert stranger[-16:] in (root / ".quarantine" / "for-someone-else.pgp.error.txt").read_text()
+    assert not list(run_project.root.rglob("evil.csv"))
+    # The ciphertext of every archived file is kept as fetched; the inbox is empty.
+    kept = {p.name: p.read_bytes() for p in (root / ".encrypted").iterdir()}
+    assert kept == {n: d for n, d in remote.items() if n not in quarantined}
+    assert [p.name for p in (root / ".inbox").iterdir()] == []
+
+    status = run_project.ok("status", env=env)
+    assert "U20343697" in status.stdout and "2025-12-31" in status.stdout
+    assert "U4698258" in status.stdout and "2026-09-30" in status.stdout
+    assert "In quarantine: 4" in status.stdout
+    assert "for-someone-else.pgp:" in status.stdout
+
+    # A second run changes nothing: no new file, no second copy.
+    with sqlite3.connect(root / "index.sqlite3") as db:
+        archived_before = db.execute("SELECT COUNT(*) FROM archived").fetchone()[0]
+    again = run_project.run("run", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "fetched 0 new" in again.stdout
+    assert archive_tree(run_project) == expected
+    with sqlite3.connect(root / "index.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM archived").fetchone()[0] == archived_before
+
+
+def test_changed_content_is_kept_beside_and_same_content_never_twice(
+    run_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
+) -> None:
+    sender = make_sender(tmp_path, run_project.keys / "pgp-public.asc")
+    name = "U4698258.Trade_History.20260901.20260901.xml"
+    first, corrected = b"<first/>\n" * 100, b"<corrected/>\n" * 100
+    env = env_for(run_project, sshd)
+    (sftp_dir / f"{name}.pgp").write_bytes(sender.encrypt(first))
+    run_project.ok("run", env=env)
+    # IBKR re-issues the report with other content: kept beside, as NAME.v2.EXT.
+    (sftp_dir / f"{name}.pgp").write_bytes(sender.encrypt(corrected))
+    run_project.ok("run", env=env)
+    # The same content encrypted again (a different ciphertext): recognised, not copied.
+    (sftp_dir / f"{name}.pgp").write_bytes(sender.encrypt(corrected))
+    run_project.ok("run", env=env)
+    sender.stop()
+    assert archive_tree(run_project) == {
+        f"U4698258/2026/{name}": sha(first),
+        "U4698258/2026/U4698258.Trade_History.20260901.20260901.v2.xml": sha(corrected),
+    }
+
+
+def test_retry_quarantine_after_the_missing_key_is_imported(
+    run_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
+) -> None:
+    stranger_home, stranger = stranger_key(tmp_path)
+    sender = make_sender(tmp_path, tmp_path / "stranger-public.asc")
+    (sftp_dir / "late.pgp").write_bytes(sender.encrypt(b"late report", recipient=stranger))
+    sender.stop()
+    env = env_for(run_project, sshd)
+    assert run_project.run("run", env=env).returncode == 1
+    # The user imports the other secret key (say, from an old machine) and retries.
+    secret = subprocess.run(
+        [
+            "gpg",
+            "--homedir",
+            str(stranger_home),
+            "--batch",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+            "--armor",
+            "--export-secret-keys",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(
+        ["gpg", "--homedir", str(run_project.keys / "gnupg"), "--batch", "--import"],
+        input=secret,
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["gpgconf", "--homedir", str(stranger_home), "--kill", "gpg-agent"], check=False)
+    result = run_project.run("decrypt", "--retry-quarantine", env=env)
+    assert result.returncode == 0, result.stderr
+    assert archive_tree(run_project) == {f"_unsorted/{TODAY}/late": sha(b"late report")}
+    assert list((run_project.root / "archive" / ".quarantine").iterdir()) == []
+
+
+def test_fetch_then_decrypt_separately_and_delete_after_archive(
+    run_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
+) -> None:
+    sender = make_sender(tmp_path, run_project.keys / "pgp-public.asc")
+    good = "U4698258.Trade_History.20260902.20260902.xml.pgp"
+    (sftp_dir / good).write_bytes(sender.encrypt(b"<ok/>"))
+    (sftp_dir / "bad.pgp").write_bytes(b"not pgp at all" * 100)
+    sender.stop()
+    env = env_for(run_project, sshd)
+    run_project.ok("fetch", env=env)
+    assert run_project.run("decrypt", env=env).returncode == 1
+    assert archive_tree(run_project) == {
+        "U4698258/2026/U4698258.Trade_History.20260902.20260902.xml": sha(b"<ok/>")
+    }
+    run_project.config.write_text(
+        run_project.config.read_text().replace(
+            "delete_after_archive = false", "delete_after_archive = true"
+        )
+    )
+    result = run_project.ok("run", env=env)
+    assert "deleted 1 archived file(s) on the server" in result.stdout
+    assert not (sftp_dir / good).exists()
+    assert (sftp_dir / "bad.pgp").exists()  # never deleted: its content is not archived
+
+
+def test_decrypt_without_a_secret_key_is_a_key_problem(
+    run_project: Project, sshd: SshdServer
+) -> None:
+    shutil.rmtree(run_project.keys / "gnupg")
+    result = run_project.run("run", env=env_for(run_project, sshd))
+    assert result.returncode == 3
+    assert "keys pgp" in result.stderr
