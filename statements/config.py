@@ -157,12 +157,17 @@ class EmailConfig(_Section):
     password_env: str = "IBKR_SMTP_PASSWORD"
     from_address: str
     to: tuple[str, ...] = Field(min_length=1)
+    timeout_s: float = Field(default=30, gt=0, le=300)
+    # A private CA (PEM) to trust for the server's certificate; None: the system's store.
+    ca_file: ProjectPath | None = None
 
 
 class WebhookConfig(_Section):
     url: str
     timeout_s: float = Field(default=10, gt=0, le=300)
     retries: int = Field(default=3, ge=0, le=10)
+    retry_backoff_s: float = Field(default=1.0, ge=0, le=60)
+    ca_file: ProjectPath | None = None
 
     @field_validator("url")
     @classmethod

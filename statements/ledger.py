@@ -100,6 +100,19 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX archived_by_fetched ON archived (fetched_id);
         """,
     ),
+    (
+        3,
+        "scheduled days: one nightly run per day across restarts",
+        """
+        CREATE TABLE scheduled_days (
+            local_date TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_attempt_at TEXT,
+            last_exit_code INTEGER
+        );
+        """,
+    ),
 )
 
 
@@ -324,6 +337,12 @@ class Ledger:
         )
         return [FetchedRow(*row) for row in rows]
 
+    def newest_fetched_at(self) -> str | None:
+        """When the newest file was fetched (ISO 8601, UTC), or None if nothing ever was."""
+        row = self._db.execute("SELECT fetched_at FROM fetched ORDER BY id DESC LIMIT 1")
+        found = row.fetchone()
+        return None if found is None else str(found[0])
+
     def inbox_names(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT inbox_name FROM fetched")}
 
@@ -479,3 +498,23 @@ class Ledger:
             self._db.execute("SELECT COUNT(*) FROM archived").fetchone()[0]
         )
         return totals
+
+    # --- the nightly schedule ------------------------------------------------------------
+
+    def scheduled_day(self, local_date: str) -> tuple[str, int, str | None] | None:
+        """(state, attempts, last attempt time) of a scheduled day, or None if never tried."""
+        row = self._db.execute(
+            "SELECT state, attempts, last_attempt_at FROM scheduled_days WHERE local_date=?",
+            (local_date,),
+        ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]), row[2])
+
+    def record_attempt(self, local_date: str, *, state: str, exit_code: int, at: datetime) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO scheduled_days (local_date, state, attempts, last_attempt_at, "
+                "last_exit_code) VALUES (?, ?, 1, ?, ?) ON CONFLICT (local_date) DO UPDATE SET "
+                "state=excluded.state, attempts=attempts+1, "
+                "last_attempt_at=excluded.last_attempt_at, last_exit_code=excluded.last_exit_code",
+                (local_date, state, at.isoformat(timespec="seconds"), exit_code),
+            )

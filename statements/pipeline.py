@@ -218,6 +218,8 @@ def download_one(
             handle.flush()
             # The .part's mtime records which remote version its bytes belong to.
             os.utime(part, (remote.mtime, remote.mtime))
+            if handle.tell() == 0 and remote.size:
+                part.unlink()  # nothing to resume from: leave no clutter
     size = part.stat().st_size
     if size != remote.size:
         if size > remote.size:
@@ -783,7 +785,12 @@ def _failed(ledger: Ledger, run_id: int, exc: StatementsError, counts: RunCounts
 
 
 def _finish(
-    ledger: Ledger, run_id: int, fetch: FetchSummary | None, archive: ArchiveSummary
+    ledger: Ledger,
+    run_id: int,
+    fetch: FetchSummary | None,
+    archive: ArchiveSummary,
+    *,
+    interrupted: bool = False,
 ) -> None:
     failed = len(archive.failures) + (len(fetch.failures) if fetch else 0)
     counts = RunCounts(
@@ -797,9 +804,10 @@ def _finish(
     code = ExitCode.PARTIAL if failed else ExitCode.OK
     problems = [*(fetch.failures if fetch else []), *archive.failures]
     message = "; ".join(f"{f.name}: {f.reason}" for f in problems)[:2000]
+    result = "interrupted" if interrupted else "partial" if failed else "ok"
     ledger.finish_run(
         run_id,
-        result="partial" if failed else "ok",
+        result=result,
         exit_code=int(code),
         counts=counts,
         message=message,
@@ -833,7 +841,8 @@ def run_from_config(
             run_id,
         )
         landed = threading.Event()
-        archiver = _Archiver(job, landed)
+        stop = stop or threading.Event()
+        archiver = _Archiver(job, landed, stop)
         archiver.start()
         try:
             fetch = fetch_new(
@@ -857,19 +866,20 @@ def run_from_config(
             _failed(ledger, run_id, archiver.error, RunCounts(fetched=fetch.fetched))
             raise archiver.error
         cycle = CycleSummary(fetch, archiver.summary)
-        if cfg.sftp.delete_after_archive:
+        if cfg.sftp.delete_after_archive and not stop.is_set():
             cycle.deleted_remote = _delete_archived_remotes(store, ledger, server)
-        _finish(ledger, run_id, fetch, archiver.summary)
+        _finish(ledger, run_id, fetch, archiver.summary, interrupted=stop.is_set())
     return cycle
 
 
 class _Archiver(threading.Thread):
     """Archives whatever lands in the inbox until the fetch is over and the inbox is done."""
 
-    def __init__(self, job: ArchiveJob, landed: threading.Event) -> None:
+    def __init__(self, job: ArchiveJob, landed: threading.Event, stop: threading.Event) -> None:
         super().__init__(name="archiver", daemon=True)
         self.job = job
         self.landed = landed
+        self.stop = stop
         self.fetch_over = threading.Event()
         self.summary = ArchiveSummary()
         self.error: StatementsError | None = None
@@ -893,10 +903,10 @@ class _Archiver(threading.Thread):
                     archive_inbox(
                         ledger,
                         self.job,
-                        only=lambda row: _first_try(row, tried),
+                        only=lambda row: not self.stop.is_set() and _first_try(row, tried),
                         summary=self.summary,
                     )
-                    if over and len(tried) == before:
+                    if self.stop.is_set() or (over and len(tried) == before):
                         return
                     if len(tried) == before:
                         self.landed.wait(0.5)

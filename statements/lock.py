@@ -1,0 +1,62 @@
+"""One run at a time across processes: a lock file naming its holder.
+
+The file holds the holder's pid and start time, so a second run can say who holds it. The lock
+itself is an ``fcntl.flock`` on that file: the kernel drops it when the holder dies, however it
+dies, so a stale file (a dead pid, a SIGKILL) is taken over without guessing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from statements.errors import LockHeld
+
+LOCK_NAME = ".lock"
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text("utf-8") or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    return (
+        f"process {holder.get('pid', '?')} ({holder.get('command', '?')}, "
+        f"started {holder.get('started', '?')})"
+    )
+
+
+@contextlib.contextmanager
+def run_lock(archive_root: Path, command: str) -> Iterator[None]:
+    """Hold the archive's lock for the block, or raise :class:`LockHeld` (exit 5) at once."""
+    archive_root.mkdir(parents=True, exist_ok=True)
+    path = archive_root / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(
+                f"Another run holds the lock on {archive_root}: {_describe_holder(path)}.",
+                "Wait for it to finish (`ibkr-statements status` shows runs); a run that died "
+                "releases the lock by itself.",
+            ) from None
+        record = {
+            "pid": os.getpid(),
+            "command": command,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

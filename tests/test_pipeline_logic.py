@@ -1,0 +1,254 @@
+"""The pipeline's logic with small fakes for the server and gpg; real SQLite and real files."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from statements.archive import UnpackLimits
+from statements.errors import ExitCode, StatementsError
+from statements.ledger import Ledger, ServerId
+from statements.pipeline import (
+    ArchiveJob,
+    archive_inbox,
+    fetch_new,
+    repair_archive_state,
+)
+from statements.remote import Listing, Refused, RemoteFile, Transient
+
+SERVER = ServerId("h", 32, "u")
+LIMITS = UnpackLimits(max_members=100, max_unpacked_bytes=10**8, max_ratio=200)
+
+
+@dataclass
+class FakeServer:
+    files: dict[str, tuple[bytes, int]]  # name -> (content, mtime)
+    drop_after: int | None = None  # bytes served per connection before a Transient
+    explode_on: str | None = None  # a name whose download raises an unexpected error
+    downloads: list[str] = field(default_factory=list)
+    connections: int = 0
+
+    def connect(self) -> FakeSession:
+        self.connections += 1
+        return FakeSession(self)
+
+
+@dataclass
+class FakeSession:
+    server: FakeServer
+    served: int = 0
+
+    def list_files(self) -> Listing:
+        files = tuple(
+            RemoteFile(name, name, len(data), mtime)
+            for name, (data, mtime) in sorted(self.server.files.items())
+        )
+        return Listing(files, (Refused("../x.pgp", "contains a path separator"),))
+
+    def download(
+        self, remote: RemoteFile, sink: BinaryIO, offset: int, progress: Callable[[int], None]
+    ) -> None:
+        self.server.downloads.append(remote.path)
+        if remote.path == self.server.explode_on:
+            raise RuntimeError("a bug in the transfer code")
+        data = self.server.files[remote.path][0]
+        for start in range(offset, len(data), 1000):
+            chunk = data[start : start + 1000]
+            if self.server.drop_after is not None and self.served >= self.server.drop_after:
+                raise Transient("connection dropped")
+            sink.write(chunk)
+            self.served += len(chunk)
+            progress(len(chunk))
+
+    def remove(self, remote: RemoteFile) -> None:
+        del self.server.files[remote.path]
+
+    def close(self) -> None:
+        pass
+
+
+def fetch(server: FakeServer, root: Path, ledger: Ledger, **kwargs: object):  # type: ignore[no-untyped-def]
+    return fetch_new(server, ledger, SERVER, root, workers=3, retries=2, **kwargs)  # type: ignore[arg-type]
+
+
+def inbox(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (root / ".inbox").iterdir()}
+
+
+def test_fetch_plans_downloads_commits_and_then_skips(tmp_path: Path) -> None:
+    server = FakeServer({f"f{i}.pgp": (bytes([i]) * (5000 + i), 100) for i in range(7)})
+    with Ledger.open(tmp_path) as ledger:
+        first = fetch(server, tmp_path, ledger)
+        assert (first.fetched, first.skipped, first.refused, first.failures) == (7, 0, 1, [])
+        assert inbox(tmp_path) == {n: d for n, (d, _) in server.files.items()}
+        assert ledger.refused_names(SERVER) == {"../x.pgp": "contains a path separator"}
+        second = fetch(server, tmp_path, ledger)
+        assert (second.fetched, second.skipped) == (0, 7)
+    assert len(server.downloads) == 7
+
+
+def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 100
+    server = FakeServer({"big.pgp": (data, 5)}, drop_after=9000)
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)
+        rows = ledger.fetched_rows()
+    assert summary.failures == []
+    assert inbox(tmp_path) == {"big.pgp": data}
+    assert rows[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert server.connections >= 3  # each drop costs a connection, not the file
+
+
+def test_no_progress_exhausts_retries_and_the_file_fails_alone(tmp_path: Path) -> None:
+    server = FakeServer({"a.pgp": (b"a" * 3000, 1), "b.pgp": (b"b" * 10, 1)}, drop_after=0)
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)
+        assert sorted(f.name for f in summary.failures) == ["a.pgp", "b.pgp"]
+        assert ledger.fetched_rows() == []
+    # What was not fetched is not in the inbox as a finished file.
+    assert not [n for n in inbox(tmp_path) if not n.endswith(".part")]
+
+
+def test_an_unexpected_error_costs_one_file_and_is_reported(tmp_path: Path) -> None:
+    server = FakeServer({"a.pgp": (b"a" * 10, 1), "b.pgp": (b"b" * 10, 1)}, explode_on="a.pgp")
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)
+    assert [f.name for f in summary.failures] == ["a.pgp"]
+    assert "a bug in the transfer code" in summary.failures[0].reason
+    assert inbox(tmp_path) == {"b.pgp": b"b" * 10}
+
+
+def test_a_file_renamed_but_not_committed_is_adopted_not_downloaded(tmp_path: Path) -> None:
+    server = FakeServer({"a.pgp": (b"payload" * 50, 1)})
+    (tmp_path / ".inbox").mkdir()
+    (tmp_path / ".inbox" / "a.pgp").write_bytes(b"payload" * 50)  # the crash left it here
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)
+        assert summary.fetched == 1 and server.downloads == []
+        assert ledger.fetched_rows()[0].sha256 == hashlib.sha256(b"payload" * 50).hexdigest()
+
+
+def test_a_part_of_another_version_is_discarded(tmp_path: Path) -> None:
+    server = FakeServer({"a.pgp": (b"new content!" * 100, 200)})
+    (tmp_path / ".inbox").mkdir()
+    stale = tmp_path / ".inbox" / "a.pgp.part"
+    stale.write_bytes(b"old" * 10)  # its mtime is now, not the remote file's 200
+    with Ledger.open(tmp_path) as ledger:
+        fetch(server, tmp_path, ledger)
+    assert inbox(tmp_path) == {"a.pgp": b"new content!" * 100}
+
+
+def test_stop_means_no_new_file_is_started(tmp_path: Path) -> None:
+    server = FakeServer({f"f{i}.pgp": (b"x" * 10, 1) for i in range(20)})
+    stop = threading.Event()
+    stop.set()
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger, stop=stop)
+    assert summary.fetched == 0 and server.downloads == []
+
+
+class FakeDecryptor:
+    """'Decrypts' by copying; a file whose content starts with BAD fails like gpg would."""
+
+    @dataclass(frozen=True)
+    class Result:
+        signature: str = "none"
+        signer_fingerprint: str | None = None
+
+    def decrypt(self, source: Path, output: Path) -> FakeDecryptor.Result:
+        if source.read_bytes().startswith(b"BAD"):
+            raise StatementsError(
+                "not encrypted to a key we hold", "import it", exit_code=ExitCode.PARTIAL
+            )
+        shutil.copyfile(source, output)
+        return FakeDecryptor.Result()
+
+
+def archived(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.relative_to(root).parts[0].startswith(".")
+        and not p.name.startswith("index.sqlite3")
+    }
+
+
+def fetched_ledger(tmp_path: Path, files: dict[str, bytes]) -> FakeServer:
+    server = FakeServer({name: (data, 1) for name, data in files.items()})
+    with Ledger.open(tmp_path) as ledger:
+        fetch(server, tmp_path, ledger)
+    return server
+
+
+def test_archive_files_quarantines_failures_and_keeps_ciphertexts(tmp_path: Path) -> None:
+    fetched_ledger(
+        tmp_path,
+        {
+            "U1234567.Trade_History.20260901.20260901.xml.pgp": b"<trades/>",
+            "odd name.pgp": b"odd",
+            "broken.pgp": b"BAD bytes",
+        },
+    )
+    with Ledger.open(tmp_path) as ledger:
+        job = ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None)
+        summary = archive_inbox(ledger, job)
+    assert summary.processed == 2 and [f.name for f in summary.failures] == ["broken.pgp"]
+    tree = archived(tmp_path)
+    assert tree["U1234567/2026/U1234567.Trade_History.20260901.20260901.xml"] == b"<trades/>"
+    assert next(k for k in tree if k.startswith("_unsorted/")).endswith("/odd name")
+    error = (tmp_path / ".quarantine" / "broken.pgp.error.txt").read_text()
+    assert "not encrypted to a key we hold" in error and "import it" in error
+    assert (tmp_path / ".quarantine" / "broken.pgp").read_bytes() == b"BAD bytes"
+    assert sorted(p.name for p in (tmp_path / ".encrypted").iterdir()) == [
+        "U1234567.Trade_History.20260901.20260901.xml.pgp",
+        "odd name.pgp",
+    ]
+    assert list((tmp_path / ".inbox").iterdir()) == []
+
+
+def test_a_crash_after_placing_before_committing_is_repaired_without_a_copy(
+    tmp_path: Path,
+) -> None:
+    name = "U1234567.Trade_History.20260901.20260901.xml"
+    fetched_ledger(tmp_path, {f"{name}.pgp": b"<trades/>"})
+    # The killed run had already linked the plaintext into place, and left its work folder.
+    target = tmp_path / "U1234567" / "2026" / name
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"<trades/>")
+    (tmp_path / ".work" / "1").mkdir(parents=True)
+    with Ledger.open(tmp_path) as ledger:
+        repair_archive_state(ledger, tmp_path, keep_encrypted=True)
+        assert not (tmp_path / ".work").exists()
+        archive_inbox(ledger, ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None))
+        assert ledger.archived_for(1) == [f"U1234567/2026/{name}"]
+    assert archived(tmp_path) == {f"U1234567/2026/{name}": b"<trades/>"}
+
+
+def test_a_ciphertext_left_in_the_inbox_after_commit_is_retired(tmp_path: Path) -> None:
+    fetched_ledger(tmp_path, {"x.pgp": b"content"})
+    with Ledger.open(tmp_path) as ledger:
+        archive_inbox(ledger, ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None))
+        # As if the run died between the commit and moving the ciphertext away:
+        (tmp_path / ".encrypted" / "x.pgp").replace(tmp_path / ".inbox" / "x.pgp")
+        repair_archive_state(ledger, tmp_path, keep_encrypted=True)
+    assert list((tmp_path / ".inbox").iterdir()) == []
+    assert (tmp_path / ".encrypted" / "x.pgp").read_bytes() == b"content"
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_encrypted_off_deletes_the_ciphertext_only_after_archiving(
+    tmp_path: Path, keep: bool
+) -> None:
+    fetched_ledger(tmp_path, {"x.pgp": b"content"})
+    with Ledger.open(tmp_path) as ledger:
+        archive_inbox(ledger, ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, keep, None))
+    assert (tmp_path / ".encrypted" / "x.pgp").exists() is keep
+    assert len(archived(tmp_path)) == 1
