@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,6 +76,10 @@ def setup_logging(verbosity: int, log_format: str) -> None:
     # paramiko is chatty at INFO and says nothing a user can act on that we do not say better.
     logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))
     logging.getLogger("gnupg").setLevel(max(level, logging.WARNING))
+    # The demo's in-process server logs every client hang-up as an error; that is its business.
+    logging.getLogger("statements.sandbox").setLevel(
+        logging.DEBUG if verbosity > 0 else logging.CRITICAL
+    )
 
 
 # --- context -------------------------------------------------------------------------------
@@ -503,14 +509,19 @@ def _fetch_progress() -> Iterator[Any]:
 @pass_app
 def fetch(app: App, dry_run: bool) -> None:
     """Download the remote files not yet fetched into archive/.inbox."""
+    from statements.lock import run_lock
     from statements.pipeline import fetch_from_config
 
     cfg = app.config()
     if dry_run:
         summary = fetch_from_config(cfg, dry_run=True)
     else:
-        with _fetch_progress() as progress:
-            summary = fetch_from_config(cfg, progress=progress)
+        with (
+            run_lock(cfg.archive.root, "fetch"),
+            _stop_on_signals() as stop,
+            _fetch_progress() as progress,
+        ):
+            summary = fetch_from_config(cfg, progress=progress, stop=stop)
     if dry_run:
         for item in summary.new:
             out.print(f"would fetch {item.remote.relative} ({item.remote.size} bytes)")
@@ -538,9 +549,12 @@ def fetch(app: App, dry_run: bool) -> None:
 @pass_app
 def decrypt(app: App, retry_quarantine: bool) -> None:
     """Decrypt, unpack and archive everything waiting in archive/.inbox."""
+    from statements.lock import run_lock
     from statements.pipeline import decrypt_from_config
 
-    summary = decrypt_from_config(app.config(), retry_quarantine=retry_quarantine)
+    cfg = app.config()
+    with run_lock(cfg.archive.root, "decrypt"):
+        summary = decrypt_from_config(cfg, retry_quarantine=retry_quarantine)
     out.print(
         f"archived {summary.archived_files} file(s) from {summary.processed} fetched, "
         f"quarantined {len(summary.failures)}"
@@ -560,23 +574,71 @@ def _report_archive_failures(failures: list[Any]) -> None:
 @pass_app
 def run(app: App) -> None:
     """One nightly cycle: fetch new files and archive each as soon as it lands."""
-    from statements.pipeline import run_from_config
+    from statements.scheduler import run_once
 
-    with _fetch_progress() as progress:
-        cycle = run_from_config(app.config(), progress=progress)
-    fetch, archive = cycle.fetch, cycle.archive
+    cfg = app.config()
+    with _stop_on_signals() as stop, _fetch_progress() as progress:
+        result = run_once(cfg, stop=stop, progress=progress)
+    if result.error is not None:
+        raise result.error
+    assert result.cycle is not None
+    fetch, archive = result.cycle.fetch, result.cycle.archive
     out.print(
         f"fetched {fetch.fetched} new, skipped {fetch.skipped}, refused {fetch.refused}, "
         f"failed {len(fetch.failures)}; archived {archive.archived_files} file(s), "
         f"quarantined {len(archive.failures)}; {fetch.bytes} bytes in {fetch.seconds:.1f} s"
     )
-    if cycle.deleted_remote:
-        out.print(f"deleted {cycle.deleted_remote} archived file(s) on the server")
+    if stop.is_set():
+        out.print("stopped on request; the next run resumes where this one left off")
+    if result.cycle.deleted_remote:
+        out.print(f"deleted {result.cycle.deleted_remote} archived file(s) on the server")
     for failure in fetch.failures:
         err.print(f"failed: {failure.name}: {failure.reason}")
     _report_archive_failures(archive.failures)
     if fetch.failures:
         raise SystemExit(int(ExitCode.PARTIAL))
+
+
+@cli.command("schedule")
+@pass_app
+def schedule_command(app: App) -> None:
+    """Stay running: `run` on [schedule] days at [schedule] at, in [schedule] timezone."""
+    from statements.scheduler import NightlyScheduler
+
+    cfg = app.config()
+    log.info(
+        "scheduling runs on %s at %s %s",
+        ", ".join(cfg.schedule.days),
+        cfg.schedule.at,
+        cfg.schedule.timezone,
+    )
+    with _stop_on_signals() as stop:
+        NightlyScheduler(cfg, stop).serve()
+    log.info("stopped on request")
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM or SIGINT ask for a clean stop: the current file is finished or left resumable.
+
+    A second signal stops at once.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("received %s: stopping after the current file", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @cli.command()
@@ -586,7 +648,10 @@ def status(app: App, runs: int) -> None:
     """Last runs, what waits in the inbox and quarantine, and the latest period per account."""
     from statements.status import status_report
 
-    report = status_report(app.config(), runs=runs)
+    _print_status(status_report(app.config(), runs=runs))
+
+
+def _print_status(report: Any) -> None:
     if not report.ledger_exists:
         out.print("No runs yet: nothing has been fetched. Start with `ibkr-statements run`.")
         return
@@ -619,6 +684,56 @@ def status(app: App, runs: int) -> None:
         out.print(f"  {item.name}: {item.reason}")
     totals = ", ".join(f"{k}: {v}" for k, v in sorted(report.totals.items()))
     out.print(f"Totals: {totals}")
+
+
+@cli.command()
+@pass_app
+def doctor(app: App) -> None:
+    """Check config, keys, gpg, DNS, TCP, SSH, host key, login and the remote folder."""
+    from statements.doctor import FAILED, OK, WARNING, exit_code, run_checks
+
+    marks = {OK: ("ok", "green"), WARNING: ("warning", "yellow"), FAILED: ("FAILED", "bold red")}
+
+    def show(check: Any) -> None:
+        label, style = marks.get(check.state, ("skipped", "dim"))
+        out.print(Text.assemble((f"{label:>8}", style), f"  {check.name}: {check.detail}"))
+        if check.fix and check.state in (WARNING, FAILED):
+            out.print(f"{'':>10}fix: {check.fix}")
+
+    checks = run_checks(app.config_file, on_check=show)
+    code = exit_code(checks)
+    failed = [c.name for c in checks if c.state == FAILED]
+    out.print("all checks passed" if not failed else f"failed: {', '.join(failed)}")
+    if code:
+        raise SystemExit(code)
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="An empty or new folder for the demo project [default: a fresh temporary folder].",
+)
+def demo(folder: Path | None) -> None:
+    """The whole pipeline on loopback: throwaway keys, sample reports, a local SFTP server."""
+    from statements.demo import run_demo
+
+    result = run_demo(folder, progress=lambda line: out.print(f"- {line}"))
+    out.print("")
+    out.print(f"The archive it made, {result.folder / 'archive'}:")
+    for path in result.archive_files:
+        out.print(f"  {path}")
+    out.print(f"  .encrypted/  ({len(result.encrypted_kept)} ciphertexts kept as fetched)")
+    out.print("")
+    _print_status(result.status)
+    out.print("")
+    out.print(
+        f"Everything is in {result.folder}: its config/ibkr-statements.toml is a complete "
+        "project; try `ibkr-statements --config "
+        f"{result.config_path} status`. Delete the folder when done."
+    )
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -14,11 +14,12 @@ import posixpath
 import random
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeAlias, TypeVar
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -365,77 +366,95 @@ class SftpStore:
             raise
 
     def _handshake(self, transport: paramiko.Transport) -> SftpSession:
+        # Each step is a function of its own, so `doctor`'s step probes run this very code.
         s = self.settings
-        transport.banner_timeout = s.timeout_s
-        transport.handshake_timeout = s.timeout_s
-        transport.auth_timeout = s.timeout_s
-        options = transport.get_security_options()
-        options.ciphers = tuple(
-            [c for c in PREFERRED_CIPHERS if c in options.ciphers]
-            + [c for c in options.ciphers if c not in PREFERRED_CIPHERS]
-        )
-        pinned = s.known_hosts.keys_for(s.host, s.port)
-        options.key_types = tuple(_host_key_types(pinned, options.key_types))
-        try:
-            transport.start_client(timeout=s.timeout_s)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if "no acceptable host key" in str(exc).lower():
-                raise RemoteError(
-                    f"{self._target()} offers no host key of the types pinned in "
-                    f"{s.known_hosts.path} ({', '.join(k.key_type for k in pinned)}).",
-                    "If IBKR announced a new server key, check its fingerprint with them, "
-                    "then run: ibkr-statements trust-host",
-                ) from None
-            raise Transient(f"SSH handshake: {exc or type(exc).__name__}") from exc
-        offered = _server_key(transport, s.timeout_s)
-        self._verify_host_key(offered, pinned)
+        offered, pinned = _negotiate(s, transport)
+        _verify_host_key(s, offered, pinned)
         if s.keepalive_s:
             transport.set_keepalive(int(max(1, s.keepalive_s)))
-        try:
-            transport.auth_publickey(s.username, self.key)
-        except paramiko.BadAuthenticationType as exc:
-            raise RemoteError(
-                f"{self._target()} does not accept key login for {s.username!r} "
-                f"(it allows: {', '.join(exc.allowed_types) or 'nothing'}).",
-                "Check [sftp] username against IBKR's confirmation email.",
-            ) from None
-        except paramiko.AuthenticationException:
-            raise RemoteError(
-                f"Server refused our key: {self._target()} did not accept user "
-                f"{s.username!r} with the key {key_fingerprint(self.key)}.",
-                "IBKR's known causes: the username is not the one in their confirmation; or the "
-                "key is not the one whose public half you sent them (compare the fingerprint "
-                "above with `ibkr-statements keys show` and with what you sent). If unsure, "
-                "make and send a new pair: ibkr-statements keys ssh --force; keys export.",
-            ) from None
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise Transient(f"authentication: {exc or type(exc).__name__}") from exc
-        try:
-            return SftpSession(s, transport)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise Transient(f"starting SFTP: {exc or type(exc).__name__}") from exc
+        _authenticate(s, transport, self.key)
+        return _open_session(s, transport)
 
-    def _verify_host_key(self, offered: HostKey, pinned: Sequence[HostKey]) -> None:
-        s = self.settings
-        verdict = s.known_hosts.check(s.host, s.port, offered)
-        if verdict == "ok":
-            return
-        if verdict == "unknown":
-            raise HostKeyUnknown(
-                f"The host key of {self._target()} is not pinned in {s.known_hosts.path}: "
-                f"the server offers {offered.describe()}.",
-                "Check that fingerprint with IBKR, then pin it: ibkr-statements trust-host "
-                f"--fingerprint {offered.fingerprint}",
-                offered,
-            )
-        raise RemoteError(
-            f"HOST KEY CHANGED: {self._target()} offers {offered.describe()}, but "
-            f"{s.known_hosts.path} pins "
-            + ", ".join(k.describe() for k in pinned)
-            + ". Someone may be intercepting the connection, or IBKR replaced its key.",
-            "Do not connect until IBKR confirms the new fingerprint; then run "
-            f"ibkr-statements trust-host --fingerprint {offered.fingerprint}",
+
+def _target(settings: SftpSettings) -> str:
+    return f"{settings.host}:{settings.port}"
+
+
+def _negotiate(s: SftpSettings, transport: paramiko.Transport) -> tuple[HostKey, list[HostKey]]:
+    """Key exchange on a connected transport: (the host key offered, the keys pinned)."""
+    transport.banner_timeout = s.timeout_s
+    transport.handshake_timeout = s.timeout_s
+    transport.auth_timeout = s.timeout_s
+    options = transport.get_security_options()
+    options.ciphers = tuple(
+        [c for c in PREFERRED_CIPHERS if c in options.ciphers]
+        + [c for c in options.ciphers if c not in PREFERRED_CIPHERS]
+    )
+    pinned = s.known_hosts.keys_for(s.host, s.port)
+    options.key_types = tuple(_host_key_types(pinned, options.key_types))
+    try:
+        transport.start_client(timeout=s.timeout_s)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        if "no acceptable host key" in str(exc).lower():
+            raise RemoteError(
+                f"{_target(s)} offers no host key of the types pinned in "
+                f"{s.known_hosts.path} ({', '.join(k.key_type for k in pinned)}).",
+                "If IBKR announced a new server key, check its fingerprint with them, "
+                "then run: ibkr-statements trust-host",
+            ) from None
+        raise Transient(f"SSH handshake: {exc or type(exc).__name__}") from exc
+    return _server_key(transport, s.timeout_s), pinned
+
+
+def _verify_host_key(s: SftpSettings, offered: HostKey, pinned: Sequence[HostKey]) -> None:
+    verdict = s.known_hosts.check(s.host, s.port, offered)
+    if verdict == "ok":
+        return
+    if verdict == "unknown":
+        raise HostKeyUnknown(
+            f"The host key of {_target(s)} is not pinned in {s.known_hosts.path}: "
+            f"the server offers {offered.describe()}.",
+            "Check that fingerprint with IBKR, then pin it: ibkr-statements trust-host "
+            f"--fingerprint {offered.fingerprint}",
+            offered,
         )
+    raise RemoteError(
+        f"HOST KEY CHANGED: {_target(s)} offers {offered.describe()}, but "
+        f"{s.known_hosts.path} pins "
+        + ", ".join(k.describe() for k in pinned)
+        + ". Someone may be intercepting the connection, or IBKR replaced its key.",
+        "Do not connect until IBKR confirms the new fingerprint; then run "
+        f"ibkr-statements trust-host --fingerprint {offered.fingerprint}",
+    )
+
+
+def _authenticate(s: SftpSettings, transport: paramiko.Transport, key: paramiko.PKey) -> None:
+    try:
+        transport.auth_publickey(s.username, key)
+    except paramiko.BadAuthenticationType as exc:
+        raise RemoteError(
+            f"{_target(s)} does not accept key login for {s.username!r} "
+            f"(it allows: {', '.join(exc.allowed_types) or 'nothing'}).",
+            "Check [sftp] username against IBKR's confirmation email.",
+        ) from None
+    except paramiko.AuthenticationException:
+        raise RemoteError(
+            f"Server refused our key: {_target(s)} did not accept user "
+            f"{s.username!r} with the key {key_fingerprint(key)}.",
+            "IBKR's known causes: the username is not the one in their confirmation; or the "
+            "key is not the one whose public half you sent them (compare the fingerprint "
+            "above with `ibkr-statements keys show` and with what you sent). If unsure, "
+            "make and send a new pair: ibkr-statements keys ssh --force; keys export.",
+        ) from None
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise Transient(f"authentication: {exc or type(exc).__name__}") from exc
+
+
+def _open_session(s: SftpSettings, transport: paramiko.Transport) -> SftpSession:
+    try:
+        return SftpSession(s, transport)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise Transient(f"starting SFTP: {exc or type(exc).__name__}") from exc
 
 
 def _server_key(transport: paramiko.Transport, timeout_s: float) -> HostKey:
@@ -593,3 +612,252 @@ def trust_host(
         )
     pin(known_hosts_path, host, port, chosen)
     return chosen
+
+
+# --- step probes, for `doctor` -------------------------------------------------------------
+#
+# The same steps as SftpStore.connect, taken one at a time on one connection, each once and
+# without retries, so a failure names the step it happened in. They share _negotiate,
+# _verify_host_key, _authenticate and _open_session with the real connect.
+
+# What `doctor` holds between the key check and the login step, without importing paramiko.
+LoginKey: TypeAlias = paramiko.PKey
+
+ALTERNATIVE_HOST = "ftp2.interactivebrokers.com"
+ALTERNATIVE_PORT = 22
+ALTERNATIVE_DIR = "outgoing"
+# How many names a probe quotes from a folder listing.
+_QUOTED_NAMES = 8
+
+
+def alternative_advice(settings: SftpSettings) -> str:
+    """IBKR's other endpoint, as a sentence; empty when it is the one configured already."""
+    if settings.host.lower() == ALTERNATIVE_HOST and settings.port == ALTERNATIVE_PORT:
+        return ""
+    return (
+        f" Clients set up recently were given {ALTERNATIVE_HOST}:{ALTERNATIVE_PORT} instead: "
+        f'[sftp] host = "{ALTERNATIVE_HOST}", port = {ALTERNATIVE_PORT}, '
+        f'remote_dir = "{ALTERNATIVE_DIR}" (use what IBKR\'s confirmation email says).'
+    )
+
+
+def _unreachable_advice(settings: SftpSettings) -> str:
+    return (
+        "IBKR's known causes: a firewall or antivirus blocks outgoing TCP port "
+        f"{settings.port}; or this machine's public IP is not the one IBKR whitelisted (send "
+        "IBKR the new one). Check [sftp] host and port against IBKR's confirmation email."
+        + alternative_advice(settings)
+    )
+
+
+def resolve_host(settings: SftpSettings) -> tuple[str, ...]:
+    """The addresses ``[sftp] host`` resolves to here, within ``timeout_s``."""
+    host, port = settings.host, settings.port
+    answer: list[tuple[str, ...] | OSError] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            answer.append(exc)
+        else:
+            answer.append(tuple(dict.fromkeys(str(info[4][0]) for info in infos)))
+
+    # getaddrinfo takes no timeout; a daemon thread bounds the wait without blocking exit.
+    worker = threading.Thread(target=lookup, name="dns-probe", daemon=True)
+    worker.start()
+    worker.join(settings.timeout_s)
+    hint = (
+        f"Check [sftp] host against IBKR's confirmation email, and this machine's DNS: "
+        f"getent hosts {host}." + alternative_advice(settings)
+    )
+    if not answer:
+        raise RemoteError(f"DNS gave no answer for {host} within {settings.timeout_s:g} s.", hint)
+    result = answer[0]
+    if isinstance(result, OSError):
+        reason = result.strerror if isinstance(result, socket.gaierror) else str(result)
+        raise RemoteError(f"{host} does not resolve here: {reason}.", hint)
+    return result
+
+
+@dataclass(frozen=True)
+class TcpProbe:
+    local: str  # "address:port" this machine connected from (its own view, before any NAT)
+    remote: str  # "address:port" it connected to
+
+
+@dataclass(frozen=True)
+class HandshakeProbe:
+    offered: HostKey
+    pinned: tuple[HostKey, ...]
+    verdict: str  # KnownHosts.check: "ok", "unknown" or "changed"
+    server_version: str  # the server's SSH banner, e.g. "SSH-2.0-OpenSSH_9.2p1"
+    cipher: str
+
+
+@dataclass(frozen=True)
+class FolderProbe:
+    listing: Listing  # what fetch would see: matching files and refused names
+    # Entries that match no pattern (folders with a trailing "/"); looked at only when no
+    # file matched, to show what the folder holds instead.
+    unmatched: tuple[str, ...]
+    unmatched_total: int
+
+
+def _address(sockname: tuple[object, ...]) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class StepProbe:
+    """One connection to ``settings``' server, taken step by step: tcp, handshake,
+    verify_host_key, login, list_folder. Each step needs the previous one; close() always."""
+
+    def __init__(self, settings: SftpSettings) -> None:
+        self.settings = settings
+        self._sock: socket.socket | None = None
+        self._transport: paramiko.Transport | None = None
+        self._handshake: HandshakeProbe | None = None
+        self._session: SftpSession | None = None
+
+    def __enter__(self) -> StepProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        if self._transport is not None:
+            self._transport.close()
+        if self._sock is not None:
+            self._sock.close()
+
+    def tcp(self) -> TcpProbe:
+        s = self.settings
+        try:
+            sock = socket.create_connection((s.host, s.port), timeout=s.timeout_s)
+        except socket.gaierror as exc:
+            raise RemoteError(f"Cannot resolve {s.host}: {exc.strerror}.") from None
+        except TimeoutError:
+            raise RemoteError(
+                f"TCP connect to {_target(s)} timed out after {s.timeout_s:g} s: packets go "
+                "unanswered, as when a firewall drops them.",
+                _unreachable_advice(s),
+            ) from None
+        except ConnectionRefusedError:
+            raise RemoteError(
+                f"TCP connect to {_target(s)} was refused: nothing listens on port {s.port} "
+                "there, or a firewall rejects the connection.",
+                _unreachable_advice(s),
+            ) from None
+        except OSError as exc:
+            raise RemoteError(
+                f"TCP connect to {_target(s)} failed: {exc.strerror or exc}.",
+                _unreachable_advice(s),
+            ) from None
+        self._sock = sock
+        return TcpProbe(local=_address(sock.getsockname()), remote=_address(sock.getpeername()))
+
+    def handshake(self) -> HandshakeProbe:
+        s = self.settings
+        if self._sock is None:
+            raise RemoteError("No TCP connection to take the SSH handshake on.")
+        transport = paramiko.Transport(
+            self._sock,
+            default_window_size=WINDOW_SIZE,
+            disabled_algorithms=dict(s.disabled_algorithms) or None,
+        )
+        self._transport = transport
+        try:
+            offered, pinned = _negotiate(s, transport)
+        except Transient as exc:
+            raise RemoteError(
+                f"{_target(s)} accepts TCP but completed no SSH handshake within "
+                f"{s.timeout_s:g} s ({exc}).",
+                f"Check [sftp] port against IBKR's confirmation email: port {s.port} may "
+                "not be their SSH server. A proxy or an antivirus that inspects connections "
+                "can also cut the handshake." + alternative_advice(s),
+            ) from None
+        self._handshake = HandshakeProbe(
+            offered=offered,
+            pinned=tuple(pinned),
+            verdict=s.known_hosts.check(s.host, s.port, offered),
+            server_version=str(transport.remote_version),
+            # Set by the key exchange; types-paramiko does not declare it.
+            cipher=str(getattr(transport, "remote_cipher", "")),
+        )
+        return self._handshake
+
+    def verify_host_key(self) -> HandshakeProbe:
+        """Raise what fetch raises for the offered key: HostKeyUnknown, or HOST KEY CHANGED."""
+        if self._handshake is None:
+            raise RemoteError("No SSH handshake to check the host key of.")
+        _verify_host_key(self.settings, self._handshake.offered, self._handshake.pinned)
+        return self._handshake
+
+    def login(self, key: LoginKey) -> None:
+        s = self.settings
+        if self._transport is None or self._handshake is None or self._handshake.verdict != "ok":
+            raise RemoteError("No SSH connection with a verified host key to log in on.")
+        try:
+            _authenticate(s, self._transport, key)
+        except Transient as exc:
+            raise RemoteError(
+                f"Login to {_target(s)} did not complete: {exc}.",
+                "The connection broke during authentication; run doctor again, and if it "
+                "stays so, ask IBKR whether the account's sFTP access is active.",
+            ) from None
+        if not self._transport.is_authenticated():
+            raise RemoteError(
+                f"{_target(s)} wants more than our key to log in {s.username!r}.",
+                "IBKR's server takes a key alone: check [sftp] host and username against "
+                "IBKR's confirmation email.",
+            )
+
+    def list_folder(self) -> FolderProbe:
+        s = self.settings
+        if self._transport is None or not self._transport.is_authenticated():
+            raise RemoteError("Not logged in: no folder to list.")
+        try:
+            self._session = session = _open_session(s, self._transport)
+            listing = session.list_files()
+        except RemoteError as exc:
+            raise RemoteError(exc.message + self._login_folder(), exc.hint) from None
+        except Transient as exc:
+            raise RemoteError(
+                f"Listing {s.remote_dir!r} on {_target(s)} did not complete: {exc}."
+            ) from None
+        if listing.files:
+            return FolderProbe(listing, (), 0)
+        try:
+            entries = session.sftp.listdir_attr(s.remote_dir)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"Listing {s.remote_dir!r} again failed: {exc}.") from None
+        names = [name for name in _entry_names(entries) if not matches(name, s.patterns)]
+        return FolderProbe(listing, tuple(names[:_QUOTED_NAMES]), len(names))
+
+    def _login_folder(self) -> str:
+        """What the login folder holds, for a remote_dir that does not exist; best effort."""
+        if self._session is None:
+            return ""
+        try:
+            entries = self._session.sftp.listdir_attr(".")
+        except (OSError, EOFError, paramiko.SSHException):
+            return ""
+        names = _entry_names(entries)
+        if not names:
+            return " The login folder is empty."
+        more = f", ... ({len(names)} in all)" if len(names) > _QUOTED_NAMES else ""
+        return " The login folder holds: " + ", ".join(names[:_QUOTED_NAMES]) + more + "."
+
+
+def _entry_names(entries: Sequence[paramiko.SFTPAttributes]) -> list[str]:
+    """Sorted printable names, folders with a trailing "/"; hidden names (which fetch never
+    takes) are left out, so a home folder's dotfiles do not bury what matters."""
+    return sorted(
+        printable(e.filename) + ("/" if stat.S_ISDIR(e.st_mode or 0) else "")
+        for e in entries
+        if not e.filename.startswith(".")
+    )
