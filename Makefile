@@ -26,8 +26,9 @@ dev: $(VENV)/.dev-installed
 system-deps:
 	bash scripts/system-deps.sh
 
-demo: system-deps install
-	bash scripts/demo.sh $(BIN)/ibkr-statements
+demo: install
+	bash scripts/system-deps.sh gpg
+	$(BIN)/ibkr-statements demo
 
 LINTED := statements tests $(wildcard bench)
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system programs the tool and its tests use, only when one is missing:
 # gpg (gnupg), sshd + sftp (openssh-server, openssh-client), puttygen (putty-tools).
+# `system-deps.sh gpg` installs only what the tool itself needs to run (the demo); no argument,
+# everything the tests use as well.
 set -euo pipefail
-declare -A need=(
-  [gpg]=gnupg [gpg-agent]=gpg-agent [/usr/sbin/sshd]=openssh-server [sftp]=openssh-client
-  [ssh-keygen]=openssh-client [puttygen]=putty-tools
-)
+declare -A need=([gpg]=gnupg [gpg-agent]=gpg-agent)
+if [ "${1:-all}" != gpg ]; then
+  need+=([/usr/sbin/sshd]=openssh-server [sftp]=openssh-client [ssh-keygen]=openssh-client
+         [puttygen]=putty-tools)
+fi
 missing=()
 for program in "${!need[@]}"; do
   command -v "$program" >/dev/null 2>&1 || missing+=("${need[$program]}")
