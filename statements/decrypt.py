@@ -22,6 +22,7 @@ Anything else is a :class:`DecryptFailed` for that one file, and no output file 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from statements.errors import ExitCode, KeyProblem, StatementsError
+from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
 from statements.fsutil import fsync_dir
 from statements.keys.pgp import check_passphrase, open_gnupg, status_summary
 
@@ -354,6 +355,8 @@ class Decryptor:
                     dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"
                 )
             except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFull.at(output.parent) from None
                 raise DecryptFailed(
                     "no_output",
                     f"Cannot write the plaintext of {source.name} in {output.parent}: "
@@ -400,6 +403,10 @@ class Decryptor:
         )
         if kind is None and crash is not None:
             kind = "gpg_error"
+        if kind is not None and "No space left on device" in stderr:
+            # gpg reports DECRYPTION_OKAY and then fails to write: the disk is full, not the file
+            # broken. Nothing is quarantined; the run stops and the file waits in the inbox.
+            raise DiskFull.at(output.parent)
         if kind is not None:
             raise self._failure(kind, source, st, stderr, lines, crash, size)
         signature, signer = st.signature()

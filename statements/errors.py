@@ -62,3 +62,17 @@ class RemoteError(StatementsError):
 
 class LockHeld(StatementsError):
     exit_code = ExitCode.LOCKED
+
+
+class DiskFull(StatementsError):
+    """No space left where we write: not the file's fault, so it is never quarantined."""
+
+    exit_code = ExitCode.PARTIAL
+
+    @classmethod
+    def at(cls, path: object) -> DiskFull:
+        return cls(
+            f"No space left on the disk holding {path}.",
+            f"Free some space (see `df -h {path}`), then run again: nothing was lost, the "
+            "files not yet archived wait in the inbox.",
+        )

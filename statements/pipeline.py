@@ -8,6 +8,7 @@ next run repairs the gap between rename and commit without downloading again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -35,7 +36,7 @@ from statements.archive import (
 )
 from statements.config import Config
 from statements.decrypt import Decryptor
-from statements.errors import ExitCode, RemoteError, StatementsError
+from statements.errors import DiskFull, ExitCode, RemoteError, StatementsError
 from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
@@ -469,7 +470,10 @@ def _fetch_with_retries(
             reason = exc.message
             break
         except OSError as exc:
-            reason = f"local file error: {exc.strerror or exc} ({exc.filename or inbox})"
+            if exc.errno == errno.ENOSPC:
+                reason = f"{DiskFull.at(inbox).message} The partial download is kept to resume."
+            else:
+                reason = f"local file error: {exc.strerror or exc} ({exc.filename or inbox})"
             break
         except Exception as exc:  # a bug must cost one file, never the run or the file's record
             log.exception("unexpected error fetching %s", item.remote.relative)
@@ -627,8 +631,12 @@ def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: Archi
             run_id=job.run_id,
         )
         _retire_ciphertext(source, root, keep_encrypted=job.keep_encrypted)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull.at(root) from None
+        raise
     except StatementsError as exc:
-        if exc.exit_code != ExitCode.PARTIAL:
+        if isinstance(exc, DiskFull) or exc.exit_code != ExitCode.PARTIAL:
             raise  # a run-level problem (no gpg, no key): stop, leave the inbox as it is
         _quarantine(row, source, root, ledger, exc)
         summary.failures.append(FileFailure(remote_name, exc.message))

@@ -3,142 +3,25 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import shutil
 import sqlite3
 import subprocess
 import zipfile
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from tests import harness
 from tests.clitools import PGP_PASSPHRASE, Project
+from tests.harness import make_sender, point_at, sha, stranger_key
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.integration
 
 TODAY = datetime.now(UTC).date().isoformat()
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class Sender:
-    """A GnuPG home that encrypts the way IBKR would: to our exported public key."""
-
-    home: Path
-    recipient: str
-
-    def gpg(self, *args: str, data: bytes) -> bytes:
-        return subprocess.run(
-            [
-                "gpg",
-                "--homedir",
-                str(self.home),
-                "--batch",
-                "--quiet",
-                "--trust-model",
-                "always",
-                *args,
-            ],
-            input=data,
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-
-    def encrypt(self, data: bytes, *, armor: bool = False, recipient: str | None = None) -> bytes:
-        extra = ["--armor"] if armor else []
-        return self.gpg(*extra, "-r", recipient or self.recipient, "--encrypt", data=data)
-
-    def import_key(self, public_key: Path) -> None:
-        subprocess.run(
-            ["gpg", "--homedir", str(self.home), "--batch", "--quiet", "--import", str(public_key)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-    def stop(self) -> None:
-        subprocess.run(
-            ["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"],
-            check=False,
-            capture_output=True,
-        )
-
-
-def make_sender(tmp: Path, public_key: Path) -> Sender:
-    home = tmp / "sender"
-    home.mkdir(mode=0o700)
-    subprocess.run(
-        ["gpg", "--homedir", str(home), "--batch", "--quiet", "--import", str(public_key)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    listing = subprocess.run(
-        ["gpg", "--homedir", str(home), "--batch", "--with-colons", "--list-keys"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    fingerprint = next(
-        line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr")
-    )
-    return Sender(home, fingerprint)
-
-
-def stranger_key(tmp: Path) -> tuple[Path, str]:
-    """Another person's key pair, unprotected: files for it are not ours to decrypt."""
-    home = tmp / "stranger"
-    home.mkdir(mode=0o700)
-    subprocess.run(
-        [
-            "gpg",
-            "--homedir",
-            str(home),
-            "--batch",
-            "--passphrase",
-            "",
-            "--quick-gen-key",
-            "Stranger <s@example.com>",
-            "rsa2048",
-            "cert,sign,encr",
-            "0",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    exported = tmp / "stranger-public.asc"
-    subprocess.run(
-        [
-            "gpg",
-            "--homedir",
-            str(home),
-            "--batch",
-            "--armor",
-            "--output",
-            str(exported),
-            "--export",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    listing = subprocess.run(
-        ["gpg", "--homedir", str(home), "--batch", "--with-colons", "--list-keys"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
-    return home, next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr"))
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -157,12 +40,9 @@ def run_project(
     shutil.copy(sshd.client_key_path, project.keys / "ibkr_rsa")
     (project.keys / "ibkr_rsa").chmod(0o600)
     (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
-    text = project.config.read_text()
-    text = text.replace('host = "xfer.interactivebrokers.com"', f'host = "{sshd.host}"')
-    text = text.replace("port = 32", f"port = {sshd.port}")
-    text = text.replace('username = ""', f'username = "{sshd.username}"')
-    text = text.replace('remote_dir = "."', f'remote_dir = "{sftp_dir}"')
-    project.config.write_text(text)
+    point_at(
+        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
+    )
     return project
 
 
@@ -171,16 +51,9 @@ def env_for(project: Project, sshd: SshdServer) -> dict[str, str]:
 
 
 def archive_tree(project: Project) -> dict[str, str]:
-    """Every archived plaintext (not the hidden folders) by relative path, with its sha256."""
-    root = project.root / "archive"
-    return {
-        p.relative_to(root).as_posix(): sha(p.read_bytes())
-        for p in root.rglob("*")
-        if p.is_file()
-        and not p.relative_to(root).parts[0].startswith(".")
-        and p.name != "index.sqlite3"
-        and not p.name.startswith("index.sqlite3")
-    }
+    tree = harness.archive_tree(project.root / "archive")
+    harness.assert_consistent(project.root / "archive")
+    return tree
 
 
 def test_run_archives_every_report_once_where_the_contract_says(

@@ -29,6 +29,7 @@ from statements.scheduler import (
     occurrence_on,
 )
 from tests.clitools import CONSOLE_SCRIPT, PGP_PASSPHRASE, Project
+from tests.harness import Sender, assert_consistent, make_sender, point_at
 from tests.sshd import SshdServer
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -217,52 +218,16 @@ def sshd_project(keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp: 
     project = keyed_project.copy_to(tmp / "p")
     (project.keys / "ibkr_rsa").write_bytes(sshd.client_key_path.read_bytes())
     (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
-    text = project.config.read_text()
-    for old, new in (
-        ('host = "xfer.interactivebrokers.com"', f'host = "{sshd.host}"'),
-        ("port = 32", f"port = {sshd.port}"),
-        ('username = ""', f'username = "{sshd.username}"'),
-        ('remote_dir = "."', f'remote_dir = "{sftp_dir}"'),
-    ):
-        text = text.replace(old, new)
-    project.config.write_text(text)
+    point_at(
+        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
+    )
     return project
 
 
 def encrypt_for(project: Project, data: bytes, tmp: Path) -> bytes:
-    home = tmp / "sender"
-    if not home.exists():
-        home.mkdir(mode=0o700)
-        subprocess.run(
-            [
-                "gpg",
-                "--homedir",
-                str(home),
-                "--batch",
-                "--quiet",
-                "--import",
-                str(project.keys / "pgp-public.asc"),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    return subprocess.run(
-        [
-            "gpg",
-            "--homedir",
-            str(home),
-            "--batch",
-            "--quiet",
-            "--trust-model",
-            "always",
-            "--encrypt",
-            "-r",
-            "test@example.com",
-        ],
-        input=data,
-        capture_output=True,
-        check=True,
-    ).stdout
+    if not (tmp / "sender").exists():
+        make_sender(tmp, project.keys / "pgp-public.asc")
+    return Sender(tmp / "sender", "test@example.com").encrypt(data)
 
 
 @pytest.mark.integration
@@ -308,6 +273,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_completes(
     project.ok("run", env=env)
     archived = list((project.root / "archive" / "U1234567").rglob("*.xml"))
     assert len(archived) == 60
+    assert_consistent(project.root / "archive")
 
 
 @pytest.mark.integration

@@ -431,6 +431,9 @@ def _write_agent_conf(home: Path, gpg_binary: str) -> None:
 def _gpg_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["GNUPGHOME"] = str(home)
+    # gpg's own messages in English: the decryptor reads a few of them (a full disk).
+    env["LC_MESSAGES"] = "C"
+    env.pop("LANGUAGE", None)
     return env
 
 
