@@ -8,6 +8,7 @@ one listing: it does not grow with anything but the listing itself.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from statements.errors import ConfigError
+from statements.errors import ConfigError, DiskFull
+from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE
 
 LEDGER_NAME = "index.sqlite3"
 
@@ -189,7 +191,10 @@ class Ledger:
     def open(cls, archive_root: Path) -> Ledger:
         path = archive_root / LEDGER_NAME
         try:
-            archive_root.mkdir(parents=True, exist_ok=True)
+            archive_root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+            # SQLite would create the file (and its -wal, -shm, which copy its mode) 0644 less
+            # the umask; the ledger names accounts and reports, so it is private like them.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
             db = sqlite3.connect(path, timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit survives power loss; the archive's promise rests on it.
@@ -215,13 +220,20 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that failed (a full disk) leaves the transaction open: end it too.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise DiskFull.at(self.path.parent) from None
             raise
-        self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         self._db.execute(
@@ -326,6 +338,22 @@ class Ledger:
                     now_iso(),
                     run_id,
                 ),
+            )
+
+    def record_fetched_many(
+        self,
+        server: ServerId,
+        rows: Sequence[tuple[str, int, int, int, str, str]],
+        run_id: int | None,
+    ) -> None:
+        """Like record_fetched for each (remote_path, size, mtime, version, inbox_name,
+        sha256), in one transaction: one fsync of the ledger for a batch of files."""
+        stamp = now_iso()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO fetched (host, port, username, remote_path, size, mtime, version, "
+                "inbox_name, sha256, fetched_at, run_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(server.host, server.port, server.username, *row, stamp, run_id) for row in rows],
             )
 
     def fetched_rows(self, states: Sequence[str] = ("fetched",)) -> list[FetchedRow]:

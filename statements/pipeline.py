@@ -36,7 +36,7 @@ from statements.archive import (
 )
 from statements.config import Config
 from statements.decrypt import Decryptor
-from statements.errors import DiskFull, ExitCode, RemoteError, StatementsError
+from statements.errors import DiskFull, ExitCode, KeyProblem, RemoteError, StatementsError
 from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
@@ -58,6 +58,8 @@ PART_SUFFIX = ".part"
 _HASH_CHUNK = 1024 * 1024
 # Even a connection that drops every few seconds while making progress gives up eventually.
 MAX_ATTEMPTS = 200
+# Files committed to the ledger in one transaction, at most.
+_COMMIT_BATCH = 256
 
 
 class FetchProgress(Protocol):
@@ -123,6 +125,7 @@ class FetchSummary:
     fetched: int = 0
     skipped: int = 0
     refused: int = 0
+    abandoned: int = 0  # left half-fetched by a stop request; the next run resumes them
     failures: list[FileFailure] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
@@ -185,6 +188,15 @@ class _HashingSink:
         return len(data)
 
 
+class _Stopped(Exception):
+    """Raised from the progress callback when a stop was requested mid-file."""
+
+
+@dataclass(frozen=True)
+class _Abandoned:
+    planned: PlannedFetch
+
+
 @dataclass(frozen=True)
 class _Done:
     planned: PlannedFetch
@@ -227,7 +239,7 @@ def download_one(
             part.unlink()
         raise Transient(f"{remote.relative}: got {size} bytes, the server said {remote.size}")
     part.replace(final)
-    fsync_dir(inbox)
+    # The rename becomes durable with the fsync of the inbox that precedes the file's ledger row.
     return _Done(planned, digest.hexdigest(), sink.written)
 
 
@@ -371,6 +383,12 @@ def _commit(
     )
 
 
+def _ledger_row(done: _Done) -> tuple[str, int, int, int, str, str]:
+    item = done.planned
+    r = item.remote
+    return (r.path, r.size, r.mtime, item.version, item.inbox_name, done.sha256)
+
+
 def _download_all(
     store: RemoteStore,
     first: RemoteSession,
@@ -391,7 +409,7 @@ def _download_all(
     work: queue.Queue[PlannedFetch] = queue.Queue()
     for item in pending:
         work.put(item)
-    results: queue.Queue[_Done | tuple[PlannedFetch, str] | None] = queue.Queue()
+    results: queue.Queue[_Done | _Abandoned | tuple[PlannedFetch, str] | None] = queue.Queue()
     count = max(1, min(workers, len(pending)))
     sessions: list[RemoteSession | None] = [first] + [None] * (count - 1)
 
@@ -403,7 +421,9 @@ def _download_all(
                 except queue.Empty:
                     return
                 results.put(
-                    _fetch_with_retries(store, sessions, index, item, inbox, retries, progress)
+                    _fetch_with_retries(
+                        store, sessions, index, item, inbox, retries, progress, stop
+                    )
                 )
         finally:
             results.put(None)
@@ -416,16 +436,29 @@ def _download_all(
         thread.start()
     running = count
     while running:
-        result = results.get()
-        if result is None:
-            running -= 1
-        elif isinstance(result, _Done):
-            _commit(ledger, server, result.planned, result.sha256, run_id)
-            summary.fetched += 1
-            summary.bytes += result.transferred
-            on_landed()
-        else:
-            summary.failures.append(FileFailure(result[0].remote.relative, result[1]))
+        # What landed since the last commit is committed together: one fsync of the inbox
+        # (making the renames durable) and one ledger transaction per batch, not per file.
+        landed = [results.get()]
+        while len(landed) < _COMMIT_BATCH:
+            try:
+                landed.append(results.get_nowait())
+            except queue.Empty:
+                break
+        done = [r for r in landed if isinstance(r, _Done)]
+        if done:
+            fsync_dir(inbox)
+            ledger.record_fetched_many(server, [_ledger_row(d) for d in done], run_id)
+        for result in landed:
+            if result is None:
+                running -= 1
+            elif isinstance(result, _Done):
+                summary.fetched += 1
+                summary.bytes += result.transferred
+                on_landed()
+            elif isinstance(result, _Abandoned):
+                summary.abandoned += 1
+            else:
+                summary.failures.append(FileFailure(result[0].remote.relative, result[1]))
     for thread in threads:
         thread.join()
     for session in sessions:
@@ -441,21 +474,40 @@ def _fetch_with_retries(
     inbox: Path,
     retries: int,
     progress: FetchProgress,
-) -> _Done | tuple[PlannedFetch, str]:
-    """Attempts that move the file forward are free; ``retries`` bounds those that do not."""
+    stop: threading.Event,
+) -> _Done | _Abandoned | tuple[PlannedFetch, str]:
+    """Attempts that move the file forward are free; ``retries`` bounds those that do not.
+
+    A stop request abandons the file at the next chunk: its .part stays for the next run.
+    """
     started = time.monotonic()
     reason = ""
     fruitless = 0
     part = inbox / (item.inbox_name + PART_SUFFIX)
+
+    def advanced(nbytes: int) -> None:
+        progress.advanced(nbytes)
+        if stop.is_set():
+            raise _Stopped
+
     for _ in range(MAX_ATTEMPTS):
+        if stop.is_set():
+            return _Abandoned(item)
         before = _size_or_zero(part)
         try:
             session = sessions[index]
             if session is None:
                 session = sessions[index] = store.connect()
-            done = download_one(session, item, inbox, progress.advanced)
+            done = download_one(session, item, inbox, advanced)
             progress.finished_file(item.remote, time.monotonic() - started)
             return done
+        except _Stopped:
+            # The session has reads in flight for the abandoned file: not reusable.
+            broken, sessions[index] = sessions[index], None
+            if broken is not None:
+                broken.close()
+            log.info("stopped during %s; its partial download is kept", item.remote.relative)
+            return _Abandoned(item)
         except Transient as exc:
             reason = str(exc)
             log.warning("transfer of %s interrupted: %s", item.remote.relative, exc)
@@ -613,7 +665,7 @@ def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: Archi
         ledger.quarantine(row.id, "the fetched file vanished from the inbox before decryption")
         summary.failures.append(FileFailure(remote_name, "missing from the inbox"))
         return
-    work = _private_dir(root / WORK / str(row.id))
+    work = _private_dir(_private_dir(root / WORK) / str(row.id))  # mkdir's parents get 0777-umask
     started = time.monotonic()
     try:
         plain_name = plaintext_name(remote_name)
@@ -736,6 +788,15 @@ def requeue_quarantined(ledger: Ledger, root: Path) -> int:
 
 
 def make_decryptor(cfg: Config) -> Decryptor:
+    home = cfg.pgp.gnupg_home
+    if not home.is_dir():
+        # Opening a GnuPG home creates it: a mistyped path must be reported, not made.
+        raise KeyProblem(
+            f"The GnuPG home {home} named by [pgp] gnupg_home does not exist: "
+            "no file can be decrypted.",
+            "Correct [pgp] gnupg_home, restore the keys with `ibkr-statements keys restore`, "
+            "or make a new pair with `ibkr-statements keys pgp` (and send IBKR its public key).",
+        )
     source = PassphraseSource("PGP key", cfg.pgp.passphrase_env, cfg.pgp.passphrase_file)
     decryptor = Decryptor(
         cfg.pgp.gnupg_home,

@@ -7,6 +7,7 @@ translated here into a :class:`RemoteError` (exit 4) that names IBKR's known cau
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import io
 import logging
@@ -19,11 +20,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeAlias, TypeVar
+from typing import BinaryIO, Protocol, TypeAlias, TypeVar, cast
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from paramiko.sftp import (
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_HANDLE,
+    CMD_NAME,
+    CMD_OPENDIR,
+    CMD_READ,
+    CMD_READDIR,
+    CMD_STATUS,
+    int64,
+)
 
 from statements.config import Config
 from statements.errors import KeyProblem, RemoteError, UsageError
@@ -45,9 +59,14 @@ PREFERRED_CIPHERS = (
 )
 # Large SSH windows keep many 32 KiB read replies in flight on long-latency links.
 WINDOW_SIZE = 16 * 1024 * 1024
-PREFETCH_REQUESTS = 128
-# What one read hands to the sink: small enough that a dropped connection loses little.
-READ_SIZE = 256 * 1024
+# Reads: 32 KiB is what every SFTP server serves; a server that announces larger reads
+# (limits@openssh.com) is asked for up to MAX_READ_CHUNK. Either way a file has
+# READ_AHEAD_BYTES in flight, as OpenSSH's sftp has (64 x 32 KiB).
+READ_CHUNK = 32 * 1024
+MAX_READ_CHUNK = 256 * 1024
+READ_AHEAD_BYTES = 2 * 1024 * 1024
+# A whole read reply in one SSH packet (paramiko's default, 32 KiB, splits even a 32 KiB one).
+MAX_PACKET_SIZE = MAX_READ_CHUNK + 1024
 ALTERNATIVE_ENDPOINT = "ftp2.interactivebrokers.com port 22, folder outgoing"
 
 
@@ -95,9 +114,43 @@ def name_problem(name: str) -> str | None:
         return "starts with '.'"
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         return f"longer than {MAX_NAME_BYTES} bytes"
+    if any("\udc80" <= ch <= "\udcff" for ch in name):  # see list_folder_entries
+        return "is not valid UTF-8"
     if not name.isprintable():
         return "contains control characters"
     return None
+
+
+def list_folder_entries(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttributes]:
+    """``sftp.listdir_attr(folder)``, except for names that are not UTF-8.
+
+    OpenSSH sends each name as the bytes on its disk, and paramiko decodes them strictly: one
+    such name would fail the whole listing with UnicodeDecodeError, every night. Here it
+    arrives surrogate-escaped, and name_problem refuses it like any other unsafe name.
+    """
+    # paramiko has no hook for that decoding: this is its listdir_attr with the decode changed.
+    request = sftp._request  # type: ignore[attr-defined]
+    from_msg = paramiko.SFTPAttributes._from_msg  # type: ignore[attr-defined]
+    kind, msg = request(CMD_OPENDIR, sftp._adjust_cwd(folder))  # type: ignore[attr-defined]
+    if kind != CMD_HANDLE:
+        raise paramiko.SFTPError("Expected handle")
+    handle = msg.get_binary()
+    entries: list[paramiko.SFTPAttributes] = []
+    while True:
+        try:
+            kind, msg = request(CMD_READDIR, handle)
+        except EOFError:
+            break  # paramiko's way of saying the folder has no more entries
+        if kind != CMD_NAME:
+            raise paramiko.SFTPError("Expected name response")
+        for _ in range(msg.get_int()):
+            filename = msg.get_string().decode("utf-8", "surrogateescape")
+            longname = msg.get_string().decode("utf-8", "replace")
+            attrs = from_msg(msg, filename, longname)
+            if filename not in (".", ".."):
+                entries.append(attrs)
+    request(CMD_CLOSE, handle)
+    return entries
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -222,6 +275,7 @@ class SftpSession:
         channel = client.get_channel()
         if channel is not None:
             channel.settimeout(settings.timeout_s)
+        self.read_chunk = _read_chunk(client)
 
     def close(self) -> None:
         # After a dropped connection paramiko's close raises EOFError; closing must not.
@@ -236,8 +290,17 @@ class SftpSession:
         files: list[RemoteFile] = []
         refused: list[Refused] = []
         self._walk(self.settings.remote_dir, "", files, refused, depth=0)
-        files.sort(key=lambda f: f.relative)
-        return Listing(tuple(files), tuple(refused))
+        # A hostile or broken server may list a name twice; fetching both entries at once would
+        # race on one inbox file. The first entry is fetched, the others are refused.
+        unique: dict[str, RemoteFile] = {}
+        for remote in files:
+            if remote.relative in unique:
+                refused.append(
+                    Refused(printable(remote.relative), "listed more than once by the server")
+                )
+            else:
+                unique[remote.relative] = remote
+        return Listing(tuple(sorted(unique.values(), key=lambda f: f.relative)), tuple(refused))
 
     def _walk(
         self,
@@ -248,7 +311,7 @@ class SftpSession:
         depth: int,
     ) -> None:
         try:
-            entries = self.sftp.listdir_attr(folder)
+            entries = list_folder_entries(self.sftp, folder)
         except OSError as exc:
             raise _remote_folder_error(self.settings, folder, exc) from None
         except (TimeoutError, EOFError, paramiko.SSHException) as exc:
@@ -290,18 +353,20 @@ class SftpSession:
     ) -> None:
         """Write ``remote``'s bytes from ``offset`` to its end into ``sink``, pipelined."""
         try:
-            with self.sftp.open(remote.path, "rb") as handle:
-                handle.seek(offset)
-                if offset < remote.size:
-                    handle.prefetch(remote.size, max_concurrent_requests=PREFETCH_REQUESTS)
-                remaining = remote.size - offset
-                while remaining > 0:
-                    data = handle.read(min(remaining, READ_SIZE))
-                    if not data:
-                        break
-                    sink.write(data)
-                    remaining -= len(data)
-                    progress(len(data))
+            handle = self.sftp.open(remote.path, "rb")
+            try:
+                _read_pipelined(
+                    self.sftp,
+                    cast(bytes, handle.handle),  # the raw handle; the stubs say otherwise
+                    offset,
+                    remote.size,
+                    self.read_chunk,
+                    sink,
+                    progress,
+                )
+            finally:
+                # Read-only: nothing to wait for, so no round trip per file for the answer.
+                handle._close(async_=True)  # type: ignore[attr-defined]
         except FileNotFoundError:
             raise RemoteError(f"{remote.path} disappeared from the server.") from None
         except PermissionError:
@@ -318,6 +383,80 @@ class SftpSession:
             self.sftp.remove(remote.path)
         except OSError as exc:
             raise RemoteError(f"Cannot delete {remote.path} on the server: {exc}.") from None
+
+
+def _read_chunk(sftp: paramiko.SFTPClient) -> int:
+    """The read size to ask for: more than 32 KiB only when the server says it serves more."""
+    try:
+        kind, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")  # type: ignore[attr-defined]
+    except (OSError, EOFError):  # SSH_FX_OP_UNSUPPORTED and the like: nothing announced
+        return READ_CHUNK
+    if kind != CMD_EXTENDED_REPLY:
+        return READ_CHUNK
+    msg.get_int64()  # max packet length
+    max_read = msg.get_int64()
+    return max(READ_CHUNK, min(MAX_READ_CHUNK, max_read)) if max_read else READ_CHUNK
+
+
+class _Replies:
+    """Read replies that arrive out of order, kept until their turn (paramiko calls this)."""
+
+    def __init__(self) -> None:
+        self.replies: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
+        self.replies[num] = (kind, msg)
+
+
+def _read_pipelined(
+    sftp: paramiko.SFTPClient,
+    handle: bytes,
+    start: int,
+    end: int,
+    chunk: int,
+    sink: BinaryIO,
+    progress: Callable[[int], None],
+) -> None:
+    """Bytes start..end of an open remote file into ``sink``, in order, with reads in flight.
+
+    paramiko's SFTPFile.prefetch starts a thread per file that polls every 10 ms, and once
+    the reader catches up with it, falls back to one round trip per 32 KiB while it keeps
+    buffering the rest of the file in memory (paramiko PR #2519). This is the pipeline OpenSSH's
+    sftp runs, on paramiko's request layer. A short reply is completed by asking for the rest
+    first, and later requests are no larger than what the server served.
+    """
+    request = sftp._async_request  # type: ignore[attr-defined]
+    replies = _Replies()
+    pending: collections.deque[tuple[int, int, int]] = collections.deque()
+    ahead = max(1, READ_AHEAD_BYTES // chunk)
+    next_offset = start
+    while True:
+        while len(pending) < ahead and next_offset < end:
+            length = min(chunk, end - next_offset)
+            num = request(replies, CMD_READ, handle, int64(next_offset), length)
+            pending.append((num, next_offset, length))
+            next_offset += length
+        if not pending:
+            return
+        num, at, length = pending.popleft()
+        if num in replies.replies:
+            kind, msg = replies.replies.pop(num)
+            if kind == CMD_STATUS:
+                sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises
+        else:
+            kind, msg = sftp._read_response(num)  # type: ignore[attr-defined]
+        if kind != CMD_DATA:
+            raise paramiko.SSHException(f"unexpected SFTP reply type {kind} to a read")
+        data = msg.get_binary()
+        if not data:
+            return  # the file ends early; the caller's size check tells
+        sink.write(data)
+        progress(len(data))
+        if len(data) < length:
+            chunk = min(chunk, len(data))
+            ahead = max(1, READ_AHEAD_BYTES // chunk)
+            rest = request(replies, CMD_READ, handle, int64(at + len(data)), length - len(data))
+            pending.appendleft((rest, at + len(data), length - len(data)))
 
 
 def _remote_folder_error(settings: SftpSettings, folder: str, exc: OSError) -> RemoteError:
@@ -354,9 +493,13 @@ class SftpStore:
             ) from None
         except (TimeoutError, ConnectionError, OSError) as exc:
             raise Transient(f"TCP connect: {exc.strerror or exc}") from exc
+        # Read requests are small packets sent while replies stream in: without this, Nagle's
+        # algorithm holds each one back until the server acknowledges the one before.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(
             sock,
             default_window_size=WINDOW_SIZE,
+            default_max_packet_size=MAX_PACKET_SIZE,
             disabled_algorithms=dict(s.disabled_algorithms) or None,
         )
         try:
@@ -417,6 +560,13 @@ def _verify_host_key(s: SftpSettings, offered: HostKey, pinned: Sequence[HostKey
             "Check that fingerprint with IBKR, then pin it: ibkr-statements trust-host "
             f"--fingerprint {offered.fingerprint}",
             offered,
+        )
+    if s.known_hosts.is_revoked(offered):
+        # Else the message below would read "offers K, but pins K" when K is also pinned.
+        raise RemoteError(
+            f"HOST KEY REVOKED: {_target(s)} offers {offered.describe()}, which "
+            f"{s.known_hosts.path} marks @revoked: it must not be trusted.",
+            "Do not connect; ask IBKR for the server's current host key fingerprint.",
         )
     raise RemoteError(
         f"HOST KEY CHANGED: {_target(s)} offers {offered.describe()}, but "
@@ -832,7 +982,7 @@ class StepProbe:
         if listing.files:
             return FolderProbe(listing, (), 0)
         try:
-            entries = session.sftp.listdir_attr(s.remote_dir)
+            entries = list_folder_entries(session.sftp, s.remote_dir)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"Listing {s.remote_dir!r} again failed: {exc}.") from None
         names = [name for name in _entry_names(entries) if not matches(name, s.patterns)]
@@ -843,7 +993,7 @@ class StepProbe:
         if self._session is None:
             return ""
         try:
-            entries = self._session.sftp.listdir_attr(".")
+            entries = list_folder_entries(self._session.sftp, ".")
         except (OSError, EOFError, paramiko.SSHException):
             return ""
         names = _entry_names(entries)

@@ -32,6 +32,7 @@ class FakeServer:
     files: dict[str, tuple[bytes, int]]  # name -> (content, mtime)
     drop_after: int | None = None  # bytes served per connection before a Transient
     explode_on: str | None = None  # a name whose download raises an unexpected error
+    stop_after: tuple[int, threading.Event] | None = None  # set the event after N bytes
     downloads: list[str] = field(default_factory=list)
     connections: int = 0
 
@@ -65,6 +66,8 @@ class FakeSession:
                 raise Transient("connection dropped")
             sink.write(chunk)
             self.served += len(chunk)
+            if self.server.stop_after and self.served >= self.server.stop_after[0]:
+                self.server.stop_after[1].set()  # as SIGTERM would, from another thread
             progress(len(chunk))
 
     def remove(self, remote: RemoteFile) -> None:
@@ -152,6 +155,22 @@ def test_stop_means_no_new_file_is_started(tmp_path: Path) -> None:
     with Ledger.open(tmp_path) as ledger:
         summary = fetch(server, tmp_path, ledger, stop=stop)
     assert summary.fetched == 0 and server.downloads == []
+
+
+def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 200
+    stop = threading.Event()
+    server = FakeServer({"big.pgp": (data, 7), "next.pgp": (b"n" * 100, 7)})
+    server.stop_after = (12_000, stop)
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger, stop=stop)
+        assert (summary.abandoned, summary.failures) == (1, [])
+        part = tmp_path / ".inbox" / "big.pgp.part"
+        assert 12_000 <= part.stat().st_size < len(data)
+        assert "big.pgp" not in {row.inbox_name for row in ledger.fetched_rows()}
+        server.stop_after = None
+        again = fetch(server, tmp_path, ledger)  # the next run resumes from the .part
+    assert summary.fetched + again.fetched == 2 and inbox(tmp_path)["big.pgp"] == data
 
 
 class FakeDecryptor:

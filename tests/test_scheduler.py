@@ -250,9 +250,10 @@ def test_sigterm_stops_cleanly_and_the_next_run_completes(
     project.config.write_text(project.config.read_text().replace("workers = 4", "workers = 1"))
     env = project.env(IBKR_SSH_PASSPHRASE=sshd.client_key_passphrase)
     payload = os.urandom(400_000)
+    ciphertext = encrypt_for(project, payload, tmp_path)
     for i in range(60):
         name = f"U1234567.Trade_History.202609{i % 28 + 1:02d}.202609{i % 28 + 1:02d}"
-        (sftp_dir / f"{name}.{i}.xml.pgp").write_bytes(encrypt_for(project, payload, tmp_path))
+        (sftp_dir / f"{name}.{i}.xml.pgp").write_bytes(ciphertext)
     process = subprocess.Popen(
         [str(CONSOLE_SCRIPT), "run"],
         cwd=project.root,
@@ -261,7 +262,16 @@ def test_sigterm_stops_cleanly_and_the_next_run_completes(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2.0)
+    # Stop once the first file is committed: mid-run, however fast the fetch is.
+    ledger = project.root / "archive" / "index.sqlite3"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if ledger.exists():
+            with sqlite3.connect(ledger) as db:
+                table = db.execute("SELECT name FROM sqlite_master WHERE name='fetched'")
+                if table.fetchone() and db.execute("SELECT COUNT(*) FROM fetched").fetchone()[0]:
+                    break
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
