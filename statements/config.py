@@ -7,6 +7,7 @@ Every problem becomes a :class:`ConfigError` naming the file, the key and what i
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
@@ -267,6 +268,7 @@ def load(path: Path) -> Config:
 def from_mapping(raw: dict[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML mapping as if it came from ``path``."""
     _refuse_inline_secrets(raw, path)
+    _refuse_dates(raw, path)
     folder = path.resolve().parent
     home_raw = raw.get("home", "..")
     if not isinstance(home_raw, str):
@@ -303,6 +305,27 @@ def _refuse_inline_secrets(raw: dict[str, Any], path: Path, prefix: str = "") ->
                 "readable only by you, named by a *_file key (key_passphrase_file, "
                 "passphrase_file).",
             )
+
+
+def _refuse_dates(raw: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """No key takes a TOML date or time; without this check one would pass as its text."""
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _refuse_dates(value, path, f"{dotted}.")
+        elif isinstance(value, list):
+            if any(isinstance(item, datetime.date | datetime.time) for item in value):
+                raise _date_error(path, dotted)
+        elif isinstance(value, datetime.date | datetime.time):
+            raise _date_error(path, dotted)
+
+
+def _date_error(path: Path, dotted: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: {_section_key(dotted)}: a TOML date or time, which no key takes; "
+        "expected text in quotes, a number, a boolean or a list, as config/example.toml shows.",
+        'Put the value in quotes if it is text, e.g. at = "06:30".',
+    )
 
 
 def _section_key(dotted: str) -> str:

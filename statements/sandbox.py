@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ _JOIN_S = 5.0
 _MAX_CONNECTION_S = 3600.0
 # Half an SSH identification line: a client reading the banner waits for a CRLF that never comes.
 _HALF_BANNER = b"SSH-2.0-Sand"
+# What a listing claims about a phantom name (Faults.phantom_names).
+PHANTOM_SIZE = 4096
+_PHANTOM_MTIME = 1_700_000_000
 
 _log = logging.getLogger(__name__)
 
@@ -71,6 +75,12 @@ class Faults:
     fail_read_on: frozenset[str] = frozenset()
     # Send half an SSH banner line, then stall.
     half_banner: bool = False
+    # Names added to every folder listing, as a hostile server may send them: names no file
+    # system holds ('/' or NUL inside, 4096 bytes), listed as regular files of PHANTOM_SIZE
+    # bytes; a name of a file in the folder is listed a second time. A request by such a name
+    # meets the usual path rules (outside the root or not on disk: an SFTP error);
+    # SandboxServer.requests shows whether a client tried.
+    phantom_names: tuple[str, ...] = ()
 
 
 def generate_ed25519_key() -> paramiko.Ed25519Key:
@@ -206,6 +216,21 @@ class _Handle(paramiko.SFTPHandle):
         return data
 
 
+def _phantom(folder: Path, name: str) -> paramiko.SFTPAttributes:
+    """The listing entry for a phantom name; a name of a file in ``folder`` is listed again
+    with that file's attributes (a duplicate entry), any other with made-up ones."""
+    if name not in ("", ".", "..") and "/" not in name and "\x00" not in name:
+        with contextlib.suppress(OSError):
+            return paramiko.SFTPAttributes.from_stat((folder / name).lstat(), name)
+    attrs = paramiko.SFTPAttributes()
+    attrs.filename = name
+    attrs.st_mode = stat.S_IFREG | 0o644
+    attrs.st_size = PHANTOM_SIZE
+    attrs.st_uid = attrs.st_gid = 0
+    attrs.st_atime = attrs.st_mtime = _PHANTOM_MTIME
+    return attrs
+
+
 def _errno_to_sftp(exc: OSError) -> int:
     if exc.errno is None:
         return paramiko.sftp.SFTP_FAILURE
@@ -259,9 +284,11 @@ class _RootedSFTP(paramiko.SFTPServerInterface):
             return _errno_to_sftp(exc)
         except ValueError:
             return paramiko.sftp.SFTP_FAILURE
+        listing += [_phantom(folder, name) for name in self._sandbox.faults.phantom_names]
         return sorted(listing, key=lambda attr: attr.filename)
 
     def stat(self, path: str) -> paramiko.SFTPAttributes | int:
+        self._sandbox.record("stat", path)
         try:
             return paramiko.SFTPAttributes.from_stat(self._local(path).stat())
         except OSError as exc:
@@ -270,6 +297,7 @@ class _RootedSFTP(paramiko.SFTPServerInterface):
             return paramiko.sftp.SFTP_FAILURE
 
     def lstat(self, path: str) -> paramiko.SFTPAttributes | int:
+        self._sandbox.record("lstat", path)
         try:
             return paramiko.SFTPAttributes.from_stat(self._local(path, follow=False).lstat())
         except OSError as exc:
@@ -280,6 +308,7 @@ class _RootedSFTP(paramiko.SFTPServerInterface):
     def open(
         self, path: str, flags: int, attr: paramiko.SFTPAttributes
     ) -> paramiko.SFTPHandle | int:
+        self._sandbox.record("open", path)
         try:
             local = self._local(path)
             # local has no symlinks left; O_NOFOLLOW stops one planted there since.
@@ -388,6 +417,9 @@ class SandboxServer:
     port: int
     faults: Faults
     connections: int
+    # Every (operation, path) a client opened, stat'ed or lstat'ed, in order: a test proves
+    # with it that a name refused at listing was never requested.
+    requests: list[tuple[str, str]]
 
     def __init__(
         self,
@@ -407,6 +439,7 @@ class SandboxServer:
         self.host = HOST
         self.port = 0
         self.connections = 0
+        self.requests = []
         self._host_key: paramiko.PKey = host_key if host_key is not None else generate_ed25519_key()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -430,6 +463,10 @@ class SandboxServer:
     def host_key(self) -> paramiko.PKey:
         with self._lock:
             return self._host_key
+
+    def record(self, operation: str, path: str) -> None:
+        with self._lock:
+            self.requests.append((operation, path))
 
     def set_host_key(self, key: paramiko.PKey) -> None:
         """Presents `key` to connections accepted from now on."""
