@@ -181,7 +181,8 @@ def init(app: App) -> None:
             f"{path} already exists; init never overwrites a configuration.",
             "Edit it, or move it away and run init again.",
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Never writable by others, whatever the umask: the config names the gpg binary that runs.
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     with_home = config_mod.from_mapping({}, path)
     ensure_private_dir(with_home.keys_dir)
     atomic_write(path, config_mod.example_text().encode("utf-8"), PUBLIC_FILE)

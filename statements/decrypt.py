@@ -17,6 +17,12 @@ A decryption counts only when gpg's status lines prove it (observed with GnuPG 2
   file that is only signed gives exit status 0 and a plaintext without any decryption.
 - The plaintext file holds as many bytes as ``PLAINTEXT_LENGTH`` announced.
 
+Then one policy on top of gpg: the key that decrypted (``DECRYPTION_KEY``) must still be usable.
+gpg 2.2.40 decrypts with an expired or revoked key of ours without complaint, but IBKR can no
+longer encrypt new reports to such a key, so deliveries are about to stop silently. Such a file
+is refused (``key_expired`` / ``key_revoked``) with a hint on how to renew or replace the key; the
+ciphertext is kept by the caller, so nothing is lost and a retry after the fix archives it.
+
 Anything else is a :class:`DecryptFailed` for that one file, and no output file is left behind.
 """
 
@@ -26,8 +32,9 @@ import errno
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +73,8 @@ _SIG_WHY = {
 }
 
 _RETRY = "then `ibkr-statements decrypt --retry-quarantine`"
+# Validity letters in gpg's colon listing (field 2) of a key that may no longer be used.
+_EXPIRED, _REVOKED = "e", "r"
 _PASSPHRASE_PLACES = (
     "the environment variable named by [pgp] passphrase_env (default IBKR_PGP_PASSPHRASE) "
     "or the file named by [pgp] passphrase_file"
@@ -124,6 +133,8 @@ class GpgStatus:
     recipients: list[str] = field(default_factory=list)  # ENC_TO key ids
     no_seckey: list[str] = field(default_factory=list)  # NO_SECKEY key ids
     session_key: bool = False  # DECRYPTION_KEY or DECRYPTION_INFO: a secret key unlocked it
+    # DECRYPTION_KEY's (fingerprint of the (sub)key that decrypted, its primary's fingerprint).
+    decryption_key: tuple[str, str] | None = None
     okay: bool = False  # DECRYPTION_OKAY
     failed: bool = False  # DECRYPTION_FAILED
     bad_mdc: bool = False
@@ -174,6 +185,8 @@ def parse_status(lines: Sequence[str]) -> GpgStatus:
             st.no_seckey.append(args[0].upper())
         elif word == "DECRYPTION_KEY":
             st.session_key = True
+            if len(args) >= 2:
+                st.decryption_key = (args[0].upper(), args[1].upper())
         elif word == "DECRYPTION_INFO":
             st.session_key = True
             st.protection.append((_int(args, 0), _int(args, 2)))
@@ -273,6 +286,89 @@ def _cause(st: GpgStatus, *, passphrase_given: bool) -> FailureKind:
 
 
 @dataclass(frozen=True)
+class UnusableKey:
+    """Our key that decrypted a file but can no longer receive new ones."""
+
+    kind: Literal["key_expired", "key_revoked"]
+    fingerprint: str  # the primary key's
+    subkey: str | None  # the decrypting subkey's fingerprint when that is the unusable part
+    since: datetime | None  # when it expired; gpg's listing gives no revocation date
+
+    def describe(self) -> str:
+        if self.subkey is None:
+            return f"the PGP key {self.fingerprint}"
+        return f"the encryption subkey {self.subkey} of the PGP key {self.fingerprint}"
+
+
+def unusable_key(
+    record: Mapping[str, Any], used: str, now: datetime | None = None
+) -> UnusableKey | None:
+    """Whether the key ``record`` (python-gnupg's listing of one of our secret keys) may no
+    longer be used because of its primary key or the (sub)key ``used`` that decrypted.
+
+    A revocation wins over an expiry: an expired key can be extended, a revoked one cannot.
+    Expiry is judged both by gpg's validity letter and by the date, so a key that expires
+    after the listing was cached is still caught.
+    """
+    now = now or datetime.now(UTC)
+    primary = str(record.get("fingerprint", "")).upper()
+    parts: list[tuple[str | None, Mapping[str, Any]]] = [(None, record)]
+    if used.upper() != primary:
+        for sub in dict(record.get("subkey_info") or {}).values():
+            if str(sub.get("fingerprint", "")).upper() == used.upper():
+                parts.append((used.upper(), sub))
+    for subkey, part in parts:
+        if str(part.get("trust", "")) == _REVOKED:
+            return UnusableKey("key_revoked", primary, subkey, None)
+    for subkey, part in parts:
+        expires = _epoch(str(part.get("expires", "") or ""))
+        if str(part.get("trust", "")) == _EXPIRED or (expires is not None and expires <= now):
+            return UnusableKey("key_expired", primary, subkey, expires)
+    return None
+
+
+def _epoch(value: str) -> datetime | None:
+    """gpg's colon listings give seconds since the epoch (or ISO 8601 basic with some options)."""
+    if value.isdigit():
+        return datetime.fromtimestamp(int(value), UTC)
+    try:
+        return datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def unusable_key_hint(kind: str, home: Path, fingerprint: str | None, subkey: str | None) -> str:
+    """What to do about our expired or revoked key, with commands for this GnuPG home.
+
+    ``subkey`` is the encryption subkey that decrypted. It is named explicitly: gpg 2.2's
+    ``--quick-set-expire FPR 2y '*'`` skips subkeys that have already expired.
+    """
+    if kind == "key_revoked":
+        return (
+            "A revoked key cannot be reinstated: make a new key pair with `ibkr-statements keys "
+            "pgp --force`, send IBKR its public key (`ibkr-statements keys export`) and ask IBKR "
+            "to deliver this file again. To read files already encrypted to the revoked key on "
+            'purpose, see README.md, "Decrypting and the archive".'
+        )
+    gpg = f"gpg --homedir {home}"
+    # gpg refused before saying which key: the user finds both in `gpg --list-secret-keys`.
+    fpr = fingerprint or "FINGERPRINT"
+    if fingerprint is None:
+        subkey = "SUBKEY-FINGERPRINT"
+    extend = f"Extend the key: {gpg} --quick-set-expire {fpr} 2y"
+    if subkey is not None:
+        extend = (
+            f"Extend the key and its encryption subkey: {gpg} --quick-set-expire {fpr} 2y and "
+            f"{gpg} --quick-set-expire {fpr} 2y {subkey}"
+        )
+    return (
+        f"{extend}; in the project folder, write the new public key to [pgp] public_key_file: "
+        f"{gpg} --armor --export {fpr} > keys/pgp-public.asc; send it to IBKR "
+        f"(`ibkr-statements keys export`), {_RETRY}."
+    )
+
+
+@dataclass(frozen=True)
 class _HeldKey:
     fingerprint: str
     subkey_ids: tuple[str, ...]
@@ -311,6 +407,9 @@ class Decryptor:
         self._passphrase = passphrase
         self._gpg: Any = None
         self._lock = threading.Lock()
+        # Our secret keys by primary fingerprint, as last listed: one gpg call per run, not per
+        # file. Listed again when a file names a key not in it.
+        self._listing: dict[str, dict[str, Any]] | None = None
 
     def preflight(self) -> None:
         """Run-level checks, before any file: raise KeyProblem (exit 3) when none can succeed."""
@@ -409,6 +508,7 @@ class Decryptor:
             raise DiskFull.at(output.parent)
         if kind is not None:
             raise self._failure(kind, source, st, stderr, lines, crash, size)
+        self._check_key(source, st, lines)
         signature, signer = st.signature()
         self._check_signature(source, st, lines)
         _fsync_file(tmp)
@@ -420,6 +520,35 @@ class Decryptor:
             recipients=tuple(dict.fromkeys(st.recipients)),
             signature=signature,
             signer_fingerprint=signer,
+            status_lines=lines,
+        )
+
+    def _check_key(self, source: Path, st: GpgStatus, lines: tuple[str, ...]) -> None:
+        """Refuse a file decrypted with an expired or revoked key of ours (see the module doc)."""
+        if st.decryption_key is None:
+            return  # a gpg without DECRYPTION_KEY (before 2.1.x): nothing to judge by
+        used, primary = st.decryption_key
+        record = self._key_record(primary, used)
+        if record is None:
+            return  # gpg just used it, so this is a listing race; the decryption itself is proven
+        bad = unusable_key(record, used)
+        if bad is None:
+            return
+        if bad.kind == "key_revoked":
+            why = (
+                "which is revoked: IBKR must not encrypt new reports to it, and current "
+                "OpenPGP software refuses to"
+            )
+        else:
+            since = f" on {bad.since:%Y-%m-%d %H:%M} UTC" if bad.since else ""
+            why = (
+                f"which expired{since}: IBKR can no longer encrypt new reports to it, so "
+                "deliveries stop without a word"
+            )
+        raise DecryptFailed(
+            bad.kind,
+            f"{source.name} is encrypted to {bad.describe()}, {why}. Its plaintext was not kept.",
+            unusable_key_hint(bad.kind, self.home, primary, None if used == primary else used),
             status_lines=lines,
         )
 
@@ -521,9 +650,9 @@ class Decryptor:
         elif kind in ("key_expired", "key_revoked"):
             state = "expired" if kind == "key_expired" else "revoked"
             message = f"gpg refused to decrypt {name}: the PGP key it is encrypted to is {state}."
-            hint = (
-                "Extend an expired key (gpg --quick-set-expire) or create a new key with "
-                "`ibkr-statements keys pgp` and send IBKR its public key."
+            ours = self._held_keys_or_empty()
+            hint = unusable_key_hint(
+                kind, self.home, ours[0].fingerprint if len(ours) == 1 else None, None
             )
         elif kind == "no_output":
             expected = "" if st.plaintext_length is None else f" of {st.plaintext_length} bytes"
@@ -553,6 +682,16 @@ class Decryptor:
             return self._gpg
 
     def _held_keys(self) -> list[_HeldKey]:
+        return [
+            _HeldKey(
+                fingerprint=fpr,
+                subkey_ids=tuple(str(sub[0]).upper() for sub in raw.get("subkeys", ())),
+            )
+            for fpr, raw in self._list_secret_keys().items()
+        ]
+
+    def _list_secret_keys(self) -> dict[str, dict[str, Any]]:
+        """List our secret keys now (and remember the listing for :meth:`_key_record`)."""
         listing = self._open().list_keys(secret=True)
         if listing.returncode not in (0, None):
             raise KeyProblem(
@@ -560,13 +699,19 @@ class Decryptor:
                 f"{status_summary(listing.stderr)}.",
                 f"Check the folder and its permissions: ls -la {self.home}",
             )
-        return [
-            _HeldKey(
-                fingerprint=str(raw["fingerprint"]).upper(),
-                subkey_ids=tuple(str(sub[0]).upper() for sub in raw.get("subkeys", ())),
-            )
-            for raw in listing
-        ]
+        found = {str(raw["fingerprint"]).upper(): dict(raw) for raw in listing}
+        with self._lock:
+            self._listing = found
+        return found
+
+    def _key_record(self, primary: str, used: str) -> dict[str, Any] | None:
+        """Our secret key ``primary`` from the cached listing, listed again if the listing does
+        not know it or its (sub)key ``used`` (a key imported or a subkey added since)."""
+        with self._lock:
+            cached = self._listing
+        if cached is None or used not in _fingerprints_of(cached.get(primary)):
+            cached = self._list_secret_keys()
+        return cached.get(primary)
 
     def _held_keys_or_empty(self) -> list[_HeldKey]:
         # Only for a message: a listing failure must not hide the decryption failure.
@@ -574,6 +719,16 @@ class Decryptor:
             return self._held_keys()
         except StatementsError:
             return []
+
+
+def _fingerprints_of(record: Mapping[str, Any] | None) -> set[str]:
+    """The primary and subkey fingerprints in one listed key (none for no key)."""
+    if record is None:
+        return set()
+    subkeys = dict(record.get("subkey_info") or {}).values()
+    return {str(record.get("fingerprint", "")).upper()} | {
+        str(sub.get("fingerprint", "")).upper() for sub in subkeys
+    }
 
 
 def _fsync_file(path: Path) -> None:

@@ -34,7 +34,7 @@ def _describe_holder(path: Path) -> str:
 @contextlib.contextmanager
 def run_lock(archive_root: Path, command: str) -> Iterator[None]:
     """Hold the archive's lock for the block, or raise :class:`LockHeld` (exit 5) at once."""
-    archive_root.mkdir(parents=True, exist_ok=True)
+    archive_root.mkdir(parents=True, exist_ok=True, mode=0o700)  # statements are private
     path = archive_root / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -3,6 +3,7 @@ the end-state check every reliability test ends with."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import sqlite3
@@ -124,7 +125,8 @@ def assert_consistent(root: Path) -> None:
     """
     parts = [p for p in root.rglob("*.part") if p.parent != root / ".inbox"]
     assert parts == [], parts
-    with sqlite3.connect(root / "index.sqlite3") as db:
+    # closing(): sqlite3's own context manager commits but leaves the file open.
+    with contextlib.closing(sqlite3.connect(root / "index.sqlite3")) as db:
         fetched = db.execute("SELECT id, inbox_name, sha256, state FROM fetched").fetchall()
         archived = db.execute("SELECT path, sha256 FROM archived").fetchall()
     inbox = root / ".inbox"

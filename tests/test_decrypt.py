@@ -599,11 +599,11 @@ def test_preflight_wants_the_signer_key(world: World) -> None:
         dec.preflight()
 
 
-# --- our own key expired or revoked: what gpg 2.2.40 does -------------------------------------
+# --- our own key expired or revoked: gpg 2.2.40 decrypts, the policy refuses ---------------
 
 
 @integration
-def test_expired_key_still_decrypts(
+def test_expired_key_is_refused_though_gpg_decrypts(
     world: World,
     tmp_path: Path,
     out_dir: Path,
@@ -627,15 +627,16 @@ def test_expired_key_still_decrypts(
         world, tmp_path / "f.pgp", "--faked-system-time", later, home=sender, to=(fpr,)
     )
 
-    result = Decryptor(home, passphrase=None).decrypt(source, out_dir / "plain.xml")
+    exc = refused(Decryptor(home, passphrase=None), source, out_dir, "key_expired")
 
-    assert sha256(result.output) == sha256(world.plain)
-    assert any(line.startswith("[GNUPG:] KEYEXPIRED ") for line in result.status_lines)
+    assert "[GNUPG:] DECRYPTION_OKAY" in exc.status_lines  # gpg itself decrypted it
+    assert any(line.startswith("[GNUPG:] KEYEXPIRED ") for line in exc.status_lines)
+    assert f"--quick-set-expire {fpr} 2y" in str(exc.hint)
 
 
 @integration
 @pytest.mark.parametrize("which", ["primary", "subkey"])
-def test_revoked_key_still_decrypts(
+def test_revoked_key_is_refused_though_gpg_decrypts(
     world: World,
     tmp_path: Path,
     out_dir: Path,
@@ -667,10 +668,10 @@ def test_revoked_key_still_decrypts(
     sub_validity = next(r[1] for r in records(home, "--list-keys", fpr) if r[0] == "sub")
     assert sub_validity == "r"
 
-    result = Decryptor(home, passphrase=None).decrypt(source, out_dir / "plain.xml")
+    exc = refused(Decryptor(home, passphrase=None), source, out_dir, "key_revoked")
 
-    assert sha256(result.output) == sha256(world.plain)
-    assert not any("KEYREVOKED" in line for line in result.status_lines)  # gpg says nothing
+    assert "[GNUPG:] DECRYPTION_OKAY" in exc.status_lines  # gpg itself decrypted it
+    assert not any("KEYREVOKED" in line for line in exc.status_lines)  # and said nothing
 
 
 # --- the status-line rules, on lines recorded from gpg 2.2.40 ----------------------------------

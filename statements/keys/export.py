@@ -158,7 +158,8 @@ def export_bundle(
                 f"Refusing to export: {name} would contain private key material.",
                 "Check that keys/ibkr_rsa.pub and keys/pgp-public.asc hold public keys only.",
             )
-    out.mkdir(parents=True, exist_ok=True)
+    # Never writable by others, whatever the umask: nobody may swap the keys before they go out.
+    out.mkdir(parents=True, exist_ok=True, mode=0o755)
     written = []
     for name, data in contents.items():
         atomic_write(out / name, data, PUBLIC_FILE)
