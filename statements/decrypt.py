@@ -362,9 +362,8 @@ def unusable_key_hint(kind: str, home: Path, fingerprint: str | None, subkey: st
             f"{gpg} --quick-set-expire {fpr} 2y {subkey}"
         )
     return (
-        f"{extend}; in the project folder, write the new public key to [pgp] public_key_file: "
-        f"{gpg} --armor --export {fpr} > keys/pgp-public.asc; send it to IBKR "
-        f"(`ibkr-statements keys export`), {_RETRY}."
+        f"{extend}; then `ibkr-statements keys export` (it exports the renewed public key) "
+        f"and send it to IBKR; {_RETRY}."
     )
 
 

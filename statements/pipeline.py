@@ -756,8 +756,7 @@ def _quarantine(
             f"time: {datetime.now(UTC).isoformat(timespec='seconds')}",
             f"remote file: {row.remote_path} ({row.size} bytes, sha256 {row.sha256})",
             f"what failed: {exc.message}",
-            f"what to do: {exc.hint or 'see the reason above'}; then run "
-            "`ibkr-statements decrypt --retry-quarantine`",
+            f"what to do: {_with_retry(exc.hint)}",
             *(["gpg status:", *(f"  {line}" for line in status)] if status else []),
             "",
         ]
@@ -767,6 +766,13 @@ def _quarantine(
     fsync_dir(folder)
     fsync_dir(source.parent)
     ledger.quarantine(row.id, exc.message)
+
+
+def _with_retry(hint: str | None) -> str:
+    retry = "`ibkr-statements decrypt --retry-quarantine`"
+    if hint and "--retry-quarantine" in hint:
+        return hint
+    return f"{hint or 'see the reason above'}; then run {retry}"
 
 
 def requeue_quarantined(ledger: Ledger, root: Path) -> int:

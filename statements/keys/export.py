@@ -17,7 +17,12 @@ from pathlib import Path
 from statements.config import Config
 from statements.errors import KeyProblem, UsageError
 from statements.fsutil import PUBLIC_FILE, atomic_write
-from statements.keys.pgp import PgpKeyInfo, scan_public_key_file, secret_keys
+from statements.keys.pgp import (
+    PgpKeyInfo,
+    export_public_key,
+    scan_public_key_file,
+    secret_keys,
+)
 from statements.keys.ssh import fingerprint_of_line, parse_public_line, read_public_line
 
 PRIVATE_MARKERS = (b"PRIVATE KEY", b"PGP PRIVATE KEY BLOCK", b"PuTTY-User-Key-File")
@@ -169,13 +174,11 @@ def export_bundle(
 
 def _our_pgp_public_key(cfg: Config) -> tuple[PgpKeyInfo, str]:
     path = cfg.pgp.public_key_file
-    try:
-        armored = path.read_text("ascii")
-    except FileNotFoundError:
+    if not path.is_file():
         raise KeyProblem(
             f"No PGP public key at {path}.",
             "Create the PGP key pair first: ibkr-statements keys pgp --name NAME --email EMAIL",
-        ) from None
+        )
     scanned = scan_public_key_file(cfg.pgp.gnupg_home, path, cfg.pgp.gpg_binary)
     if len(scanned) != 1:
         raise KeyProblem(
@@ -190,7 +193,11 @@ def _our_pgp_public_key(cfg: Config) -> tuple[PgpKeyInfo, str]:
             "Restore the matching secret key (`ibkr-statements keys restore`) or make a new "
             "pair with `ibkr-statements keys pgp`.",
         )
-    return scanned[0], armored
+    # Export afresh from the GnuPG home: a renewed expiry or a new subkey must reach IBKR,
+    # and pgp-public.asc is brought up to date with it.
+    export_public_key(cfg.pgp.gnupg_home, scanned[0].fingerprint, path, cfg.pgp.gpg_binary)
+    fresh = scan_public_key_file(cfg.pgp.gnupg_home, path, cfg.pgp.gpg_binary)
+    return fresh[0], path.read_text("ascii")
 
 
 def _ssh_bits(key_type: str, blob: bytes) -> str:
