@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,10 +21,21 @@ from statements.errors import LockHeld
 LOCK_NAME = ".lock"
 
 
+# The loser of a race may read the file between the winner's flock and its record.
+_RECORD_WAIT_S = 1.0
+
+
 def _describe_holder(path: Path) -> str:
-    try:
-        holder = json.loads(path.read_text("utf-8") or "{}")
-    except (OSError, ValueError):
+    deadline = time.monotonic() + _RECORD_WAIT_S
+    while True:
+        try:
+            holder = json.loads(path.read_text("utf-8") or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        if "pid" in holder or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    if not holder:
         return "another process"
     return (
         f"process {holder.get('pid', '?')} ({holder.get('command', '?')}, "

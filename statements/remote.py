@@ -312,10 +312,12 @@ class SftpSession:
     ) -> None:
         try:
             entries = list_folder_entries(self.sftp, folder)
+        # TimeoutError is an OSError too: a server gone quiet must be retried, not taken for a
+        # folder that cannot be listed.
+        except (TimeoutError, EOFError, paramiko.SSHException) as exc:
+            raise Transient(f"listing {folder}: {exc or type(exc).__name__}") from exc
         except OSError as exc:
             raise _remote_folder_error(self.settings, folder, exc) from None
-        except (TimeoutError, EOFError, paramiko.SSHException) as exc:
-            raise Transient(f"listing {folder}: {exc}") from exc
         for attrs in entries:
             name = attrs.filename
             mode = attrs.st_mode or 0
@@ -587,7 +589,15 @@ def _authenticate(s: SftpSettings, transport: paramiko.Transport, key: paramiko.
             f"(it allows: {', '.join(exc.allowed_types) or 'nothing'}).",
             "Check [sftp] username against IBKR's confirmation email.",
         ) from None
-    except paramiko.AuthenticationException:
+    except paramiko.AuthenticationException as exc:
+        # paramiko raises this also when the line drops or goes quiet during login: that is a
+        # network fault to retry, not the server refusing the key.
+        if not transport.is_active():
+            raise Transient(f"authentication: connection lost ({exc})") from exc
+        if "timeout" in str(exc).lower():
+            raise Transient(
+                f"authentication: no answer within {s.timeout_s:g} s"
+            ) from TimeoutError()
         raise RemoteError(
             f"Server refused our key: {_target(s)} did not accept user "
             f"{s.username!r} with the key {key_fingerprint(key)}.",
@@ -600,11 +610,50 @@ def _authenticate(s: SftpSettings, transport: paramiko.Transport, key: paramiko.
         raise Transient(f"authentication: {exc or type(exc).__name__}") from exc
 
 
+class _Deadline:
+    """Closes ``transport`` after ``seconds`` unless disarmed first.
+
+    paramiko opens the channel (1 h), starts the subsystem and reads the SFTP version (no
+    limit) with waits of its own; closing the transport is what ends them.
+    """
+
+    def __init__(self, transport: paramiko.Transport, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._disarmed = False
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire, args=(transport,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, transport: paramiko.Transport) -> None:
+        with self._lock:
+            if self._disarmed:
+                return
+            self._expired = True
+        transport.close()
+
+    def disarm(self) -> bool:
+        """Stops the timer; True when it had expired (the transport is closed)."""
+        with self._lock:
+            self._disarmed = True
+        self._timer.cancel()
+        return self._expired
+
+
 def _open_session(s: SftpSettings, transport: paramiko.Transport) -> SftpSession:
+    deadline = _Deadline(transport, s.timeout_s)
     try:
-        return SftpSession(s, transport)
+        session = SftpSession(s, transport)
     except (paramiko.SSHException, EOFError, OSError) as exc:
-        raise Transient(f"starting SFTP: {exc or type(exc).__name__}") from exc
+        if not deadline.disarm():
+            raise Transient(f"starting SFTP: {exc or type(exc).__name__}") from exc
+    else:
+        if not deadline.disarm():
+            return session
+        # Expired just as the session came up: its transport is closed, so it is no use.
+    finally:
+        deadline.disarm()  # also when SftpSession raised anything else
+    raise Transient(f"starting SFTP: no answer within {s.timeout_s:g} s") from TimeoutError()
 
 
 def _server_key(transport: paramiko.Transport, timeout_s: float) -> HostKey:
