@@ -2,7 +2,7 @@
 
 gpg runs in the project's own GnuPG home (``[pgp] gnupg_home``) through
 :func:`statements.keys.pgp.open_gnupg`: loopback pinentry, batch mode, an agent that caches no
-passphrase, and nothing taken from ``$HOME``. The ciphertext is streamed to gpg and gpg writes the
+passphrase, and nothing taken from ``$HOME``. gpg reads the ciphertext file itself and writes the
 plaintext straight into a temporary file beside the output, so no file is ever held in memory.
 
 A decryption counts only when gpg's status lines prove it (observed with GnuPG 2.2.40):
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -440,40 +441,39 @@ class Decryptor:
         """Decrypt ``source`` into ``output`` (replaced atomically); raises DecryptFailed."""
         gpg = self._open()
         try:
-            stream = source.open("rb")
+            source.open("rb").close()  # gpg reads it; a clear error here if it cannot
         except OSError as exc:
             raise DecryptFailed(
                 "gpg_error", f"Cannot read {source}: {exc.strerror}.", "Check the inbox folder."
             ) from None
-        with stream:
-            try:
-                # mkstemp makes the file 0600; gpg's --output --yes writes into this very file
-                # (the same inode), so the plaintext is never readable by others.
-                fd, tmp_name = tempfile.mkstemp(
-                    dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"
-                )
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise DiskFull.at(output.parent) from None
-                raise DecryptFailed(
-                    "no_output",
-                    f"Cannot write the plaintext of {source.name} in {output.parent}: "
-                    f"{exc.strerror}.",
-                    "Check that the folder exists, is writable and the disk is not full.",
-                ) from None
-            os.close(fd)
-            tmp = Path(tmp_name)
-            try:
-                return self._decrypt(gpg, source, stream, tmp, output)
-            finally:
-                # Only a successful decryption renamed it; every failure leaves nothing behind.
-                tmp.unlink(missing_ok=True)
+        try:
+            # mkstemp makes the file 0600; gpg's --output --yes writes into this very file
+            # (the same inode), so the plaintext is never readable by others.
+            fd, tmp_name = tempfile.mkstemp(
+                dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull.at(output.parent) from None
+            raise DecryptFailed(
+                "no_output",
+                f"Cannot write the plaintext of {source.name} in {output.parent}: {exc.strerror}.",
+                "Check that the folder exists, is writable and the disk is not full.",
+            ) from None
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            return self._decrypt(gpg, source, tmp, output)
+        finally:
+            # Only a successful decryption renamed it; every failure leaves nothing behind.
+            tmp.unlink(missing_ok=True)
 
-    def _decrypt(self, gpg: Any, source: Path, stream: Any, tmp: Path, output: Path) -> Decrypted:
-        result = gpg.result_map["crypt"](gpg)
-        # gpg.decrypt_file() would build the same command, but it raises BrokenPipeError when
-        # gpg stops reading early (no passphrase, wrong key) and the result with gpg's status
-        # lines is lost; calling _handle_io with our own result object keeps them.
+    def _decrypt(self, gpg: Any, source: Path, tmp: Path, output: Path) -> Decrypted:
+        # gpg reads the ciphertext file itself and writes the plaintext into ``tmp``: no byte of
+        # either passes through this process (python-gnupg's _handle_io would copy the whole
+        # ciphertext through a pipe with two threads, about as slow as gpg's own decryption).
+        # Only the passphrase goes to stdin. The path is absolute and after "--", so a name
+        # that starts with "-" is never read as an option.
         args = [
             "--decrypt",
             "--output",
@@ -482,15 +482,29 @@ class Decryptor:
             "--trust-model",
             "always",  # a signature is judged against signer_fingerprints, not the web of trust
             "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
+            "--",
+            str(source.absolute()),
         ]
+        command = gpg.make_args(args, self._passphrase is not None)
+        secret = b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
         crash: str | None = None
+        stderr = ""
+        returncode: int | None = None
         try:
-            gpg._handle_io(args, stream, result, passphrase=self._passphrase, binary=True)
+            done = subprocess.run(
+                command,
+                input=secret,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=gpg.env,
+                check=False,
+            )
         except (OSError, ValueError) as exc:
             crash = str(exc)
-        stderr = str(getattr(result, "stderr", "") or "")
+        else:
+            stderr = done.stderr.decode("utf-8", "replace")
+            returncode = done.returncode
         lines = self._status_lines(stderr)
-        returncode = getattr(result, "returncode", None)
         st = parse_status(lines)
         try:
             size: int | None = tmp.stat().st_size
