@@ -1,9 +1,21 @@
-"""`python -m bench`: our fetch against `sftp -b` on a local sshd; prints one table.
+"""`python -m bench`: issue 7's nightly benchmark; prints one table.
 
-Two scenarios, each run as whole processes, interleaved (ours, sftp, ours, sftp, ...):
-many small files (listing plus a round trip per file dominate) and one big file (cipher and
-packet handling dominate). Each run starts from an empty destination; each copy is checked
-file by file (names, sizes, sha256) before its time counts.
+Against a real OpenSSH sshd on 127.0.0.1, with a corpus made here from a fixed seed (Flex-named
+XML reports, encrypted to the project's PGP key with the gpg binary), each scenario runs whole
+processes in turn, ours and the reference, and checks every result before its time counts:
+
+  1. nightly    20,000 reports already archived, 50 new: our `run` vs bench/reference.sh
+                (sftp -b listing, comm against its list, sftp -b get, one gpg --decrypt-files,
+                mv into <account>/<year>/); also ours with an encrypted RSA-4096 SSH key
+  1b. nightly-calibrated   the same with the PGP key as `keys pgp` protects it (see bench/pgp.py)
+  2. noop       nothing new, 200 vs 20,000 archived: how our run grows with the history
+  3. first-sync 2,000 x 20 KiB into an empty project: fetch vs sftp -b; decrypt vs ONE
+                gpg --decrypt-files (issue 4); run vs reference.sh
+  4. big        one 1 GiB report: fetch vs sftp -b (same cipher); decrypt vs gpg -d; run vs
+                reference.sh
+
+Both tools log in with the same unencrypted ed25519 key (ssh-agent would be needed for sftp with
+a passphrase) and use the same cipher, the same GnuPG home and the same PGP key.
 """
 
 from __future__ import annotations
@@ -11,183 +23,248 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
+import random
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 import paramiko
 
-from bench import clients, corpus
-from bench.measure import ProcessFailed, Sample, Summary, run_measured
+from bench import clients, corpus, history, pgp, report, scenarios
+from bench.clients import Login, Target
+from bench.corpus import KIB, MIB, Corpus
+from bench.history import OURS_MUTABLE, REFERENCE_MUTABLE, State
+from bench.measure import GNU_TIME, ProcessFailed
+from bench.scenarios import Context, NightlyStates, Runner, Scenario, say
 from statements.config import SftpConfig
 from tests.sshd import SshdServer, make_client_keys, running_sshd
 
-PROCESS_TIMEOUT_S = 1800.0
 SEED = 20260901
-MB = 1_000_000
-# Targets for ours/sftp (rates) and for our peak RSS.
-SMALL_TARGET = 0.6
-BIG_TARGET = 0.5
-RSS_TARGET_MB = 100.0
+NIGHT = date(2026, 9, 1)  # the night measured; the history ends the day before
+ACCOUNTS = 200  # an adviser's client accounts; five Flex queries each per day
+ALL = ("nightly", "noop", "first-sync", "big", "nightly-calibrated")
 
 
 @dataclass(frozen=True)
 class Options:
     runs: int
-    small_files: int
-    small_kib: int
+    history: int
+    small_history: int
+    new: int
+    first_sync: int
+    first_sync_kib: int
     big_mib: int
+    pgp_bits: int
+    s2k: str
+    history_by_run: bool
     workers: int | None
     scenarios: tuple[str, ...]
     profile: Path | None
+    compare: tuple[str, Path] | None
     quick: bool
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str  # "small" or "big"
-    label: str
-    files: corpus.Corpus
-    total_bytes: int
-
-    def rate(self, seconds: float) -> float:
-        """files/s for the small files, MB/s (10^6 bytes) for the big file."""
-        if self.key == "small":
-            return self.files.count / seconds
-        return self.total_bytes / MB / seconds
-
-    @property
-    def unit(self) -> str:
-        return "files/s" if self.key == "small" else "MB/s"
-
-
-@dataclass
-class Result:
-    scenario: Scenario
-    ours: list[Sample] = field(default_factory=list)
-    sftp: list[Sample] = field(default_factory=list)
 
 
 def parse(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="300 small files, 64 MiB, 1 run")
-    parser.add_argument("--runs", type=int, help="runs per tool and scenario (default 3)")
-    parser.add_argument("--small-files", type=int, help="number of small files (default 2000)")
-    parser.add_argument("--small-kib", type=int, default=20, help="size of each (default 20)")
-    parser.add_argument("--big-mib", type=int, help="size of the big file (default 1024)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test of under a minute: 2,000/200 history, 10 new, 100 x 20 KiB,\n"
+        "64 MiB, RSA-2048 PGP key, 1 run, no calibrated-S2K nightly",
+    )
+    parser.add_argument("--runs", type=int, help="runs per tool (default 3)")
+    parser.add_argument("--history", type=int, help="reports already archived (default 20000)")
+    parser.add_argument("--small-history", type=int, help="the no-op's small history (200)")
+    parser.add_argument("--new", type=int, help="new reports in the nightly (default 50)")
+    parser.add_argument("--first-sync", type=int, help="reports in the first sync (2000)")
+    parser.add_argument("--first-sync-kib", type=int, default=20, help="their size (20)")
+    parser.add_argument("--big-mib", type=int, help="the big report's size (default 1024)")
+    parser.add_argument("--pgp-bits", type=int, help="RSA size of the PGP key (default 4096)")
+    parser.add_argument(
+        "--s2k",
+        choices=("fast", "calibrated"),
+        default="fast",
+        help="the PGP key protection for scenarios 1-4 (default fast: s2k-count 65536;\n"
+        "calibrated: as `keys pgp` made it, about 1 s per file here); the nightly is\n"
+        "also measured with the calibrated key (nightly-calibrated)",
+    )
+    parser.add_argument(
+        "--history-by-run",
+        action="store_true",
+        help="make the archived history with one `run` (a timed first sync of the whole\n"
+        "history: 15-25 minutes for 20,000) instead of through the ledger's own calls",
+    )
     parser.add_argument("--workers", type=int, help="[sftp] workers for ours (default: config's)")
-    parser.add_argument("--only", choices=("small", "big"), help="run one scenario")
+    parser.add_argument(
+        "--only", help=f"comma-separated scenarios to run, of: {', '.join(ALL)} (default all)"
+    )
     parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
-        help="after the timed runs, one more run of ours per scenario under py-spy;\n"
-        "writes DIR/fetch-<scenario>.speedscope.json (open at speedscope.app)",
+        help="after the timed runs, one more run of each of ours under py-spy\n"
+        "(--subprocesses --idle); writes DIR/<scenario>-<tool>.txt (collapsed stacks:\n"
+        "open at speedscope.app) and prints the top frames",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="LABEL=PATH",
+        help="also run each of our tools with `statements` imported from PATH (PYTHONPATH),\n"
+        "interleaved with the others, shown as '<tool> [LABEL]': before/after under one load",
     )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
+    compare = None
+    if args.compare:
+        label, _, path = args.compare.partition("=")
+        if not path or not (Path(path) / "statements").is_dir():
+            parser.error("--compare wants LABEL=PATH, PATH holding a statements/ package")
+        compare = (label, Path(path).resolve())
+    chosen = tuple(ALL if not args.only else [s.strip() for s in args.only.split(",")])
+    if quick and not args.only:
+        chosen = tuple(s for s in ALL if s != "nightly-calibrated")
+    unknown = [s for s in chosen if s not in ALL]
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
     options = Options(
         runs=args.runs or (1 if quick else 3),
-        small_files=args.small_files or (300 if quick else 2000),
-        small_kib=args.small_kib,
+        history=args.history or (2000 if quick else 20_000),
+        small_history=args.small_history or 200,
+        new=args.new or (10 if quick else 50),
+        first_sync=args.first_sync or (100 if quick else 2000),
+        first_sync_kib=args.first_sync_kib,
         big_mib=args.big_mib or (64 if quick else 1024),
+        pgp_bits=args.pgp_bits or (2048 if quick else 4096),
+        s2k=args.s2k,
+        history_by_run=bool(args.history_by_run),
         workers=args.workers,
-        scenarios=(args.only,) if args.only else ("small", "big"),
+        scenarios=chosen,
         profile=args.profile,
+        compare=compare,
         quick=quick,
     )
-    if min(options.runs, options.small_files, options.small_kib, options.big_mib) < 1:
+    if min(options.runs, options.history, options.small_history, options.new) < 1:
         parser.error("counts and sizes must be at least 1")
+    if options.small_history > options.history:
+        parser.error("--small-history must not exceed --history")
     return options
 
 
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse(argv)
+    for needed, fix in (
+        (clients.CONSOLE_SCRIPT, ".venv/bin/pip install -e ."),
+        (Path(GNU_TIME), "apt-get install -y time"),
+    ):
+        if not needed.exists():
+            say(f"{needed} is missing: {fix}")
+            return 2
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ibkr-bench-") as tmp:
+        work = Path(tmp)
+        say(f"setting up sshd and keys in {work}")
+        keys = make_client_keys(work / "client-keys")
+        with running_sshd(work / "sshd", keys) as server:
+            try:
+                code = _run(server, work, options, started)
+            except ProcessFailed as exc:
+                say(f"benchmark failed: {exc}")
+                code = 1
+            finally:
+                for home in (
+                    work / "pgp" / "pgp-project" / "keys" / "gnupg",
+                    work / "pgp" / "gnupg-fast",
+                ):
+                    pgp.kill_agent(home)
+    return code
 
 
-class Bench:
-    def __init__(self, target: clients.Target, work: Path, options: Options) -> None:
-        self.target = target
-        self.work = work
-        self.options = options
-        self.env = clients.clean_env()
+@dataclass(frozen=True)
+class Corpora:
+    history: Corpus
+    small_history: Corpus
+    new: Corpus
+    first_sync: Corpus | None
+    big: Corpus | None
 
-    def run_ours(self, scenario: Scenario, tag: str, wrap: Sequence[str] = ()) -> Sample:
-        root = self.work / f"ours-{scenario.key}-{tag}"
-        config = clients.make_project(
-            root, self.target, scenario.files.folder, self.options.workers
+
+def make_corpora(server: SshdServer, work: Path, keyring: pgp.Keyring, o: Options) -> Corpora:
+    rng = random.Random(SEED)
+    accounts = corpus.accounts(ACCOUNTS, rng)
+    root = server.root
+
+    def encrypt(plain: Path, names: list[str], folder: Path) -> None:
+        pgp.encrypt_to(keyring, plain, names, folder)
+
+    def make(key: str, names: list[str], sizes: list[int]) -> Corpus:
+        return corpus.make(root / key, work / "plain" / key, names, sizes, SEED, encrypt)
+
+    # History: small files (5-50 KiB), so that 20,000 of them stay around 400 MB.
+    old_names = corpus.flex_names(o.history, accounts, NIGHT - timedelta(days=1))
+    hist = make("history", old_names, corpus.log_uniform_sizes(o.history, 5 * KIB, 50 * KIB, rng))
+    small_folder = root / "small-history"
+    small_folder.mkdir()
+    small_reports = hist.reports[: o.small_history]
+    for r in small_reports:
+        os.link(hist.folder / r.remote_name, small_folder / r.remote_name)
+    small = Corpus(
+        small_folder,
+        small_reports,
+        hist.plain,
+        {r.remote_name: hist.cipher_digests[r.remote_name] for r in small_reports},
+        {r.archive_path: hist.plain_digests[r.archive_path] for r in small_reports},
+    )
+    new_names = corpus.flex_names(o.new, accounts, NIGHT)
+    new = make("new", new_names, corpus.log_uniform_sizes(o.new, 5 * KIB, 5 * MIB, rng))
+    first = big = None
+    if "first-sync" in o.scenarios:
+        names = corpus.flex_names(o.first_sync, accounts, date(2025, 12, 31))
+        first = make("first-sync", names, [o.first_sync_kib * KIB] * o.first_sync)
+    if "big" in o.scenarios:
+        big = make("big", [f"{accounts[0]}.Trade_History.20250101.20251231.xml"], [o.big_mib * MIB])
+    return Corpora(hist, small, new, first, big)
+
+
+def make_history(
+    ctx: Context, name: str, hist: Corpus, o: Options
+) -> tuple[NightlyStates, float | None]:
+    """Ours and the reference's archived state for ``hist``; the first-sync time if by run."""
+    states = ctx.work / "states"
+    project = states / f"{name}-ours"
+    config = clients.make_project(
+        project, ctx.target, hist.folder, gnupg_home=ctx.keyring.fast, workers=ctx.workers
+    )
+    seconds = None
+    if o.history_by_run:
+        say(f"  first sync of {hist.count:,} reports by `run` (fast S2K key) ...")
+        pgp.kill_agent(ctx.keyring.fast)
+        started = time.perf_counter()
+        done = subprocess.run(
+            clients.ours_argv(config, "run"),
+            env=clients.ours_env(ctx.env, ctx.keyring.passphrase_file.read_text()),
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=4 * 3600,
+            check=False,
         )
-        argv = [*wrap, *clients.ours_argv(config)]
-        sample = self._measure(argv, root, scenario.files, clients.inbox_of(config))
-        shutil.rmtree(root)
-        return sample
-
-    def run_sftp(self, scenario: Scenario, tag: str) -> Sample:
-        root = self.work / f"sftp-{scenario.key}-{tag}"
-        dest = root / "dest"
-        dest.mkdir(parents=True)
-        batch = clients.write_get_batch(root / "get.batch", scenario.files.folder, dest)
-        sample = self._measure(clients.sftp_argv(self.target, batch), root, scenario.files, dest)
-        shutil.rmtree(root)
-        return sample
-
-    def _measure(self, argv: Sequence[str], root: Path, files: corpus.Corpus, dest: Path) -> Sample:
-        # Write back what the previous run left dirty, so that no run pays for another's.
-        os.sync()
-        log_path = root / "output.log"
-        sample = run_measured(
-            argv, env=self.env, cwd=root, log_path=log_path, timeout_s=PROCESS_TIMEOUT_S
-        )
-        problem = corpus.problem_with_copy(files, dest)
-        if problem is not None:
-            output = log_path.read_text(errors="replace")[-2000:]
-            raise ProcessFailed(f"{argv[0]} exited 0 but the copy is wrong: {problem}\n{output}")
-        return sample
-
-    def scenario(self, scenario: Scenario) -> Result:
-        result = Result(scenario)
-        runs = self.options.runs
-        for i in range(runs):
-            for tool, run, samples in (
-                ("ours", self.run_ours, result.ours),
-                ("sftp", self.run_sftp, result.sftp),
-            ):
-                sample = run(scenario, str(i))
-                samples.append(sample)
-                say(
-                    f"  {scenario.key} {tool} run {i + 1}/{runs}: {sample.seconds:.2f} s, "
-                    f"{scenario.rate(sample.seconds):,.1f} {scenario.unit}, "
-                    f"{sample.max_rss_kib * 1024 / MB:.0f} MB peak RSS"
-                )
-        return result
-
-    def profile(self, scenario: Scenario, out: Path) -> Path:
-        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        if not Path(py_spy).exists():
-            raise ProcessFailed("--profile needs py-spy: .venv/bin/pip install py-spy")
-        out.mkdir(parents=True, exist_ok=True)
-        path = out.resolve() / f"fetch-{scenario.key}.speedscope.json"
-        wrap = [py_spy, "record", "--idle", "--threads", "--rate", "250"]
-        self.run_ours(scenario, "profile", [*wrap, "--format", "speedscope", "-o", str(path), "--"])
-        return path
-
-
-def build_scenarios(server_root: Path, options: Options) -> list[Scenario]:
-    made = []
-    if "small" in options.scenarios:
-        size = options.small_kib * 1024
-        files = corpus.small_files(server_root / "small", options.small_files, size, SEED)
-        label = f"{options.small_files} x {options.small_kib} KiB"
-        made.append(Scenario("small", label, files, files.total_bytes))
-    if "big" in options.scenarios:
-        files = corpus.big_file(server_root / "big", options.big_mib * 1024 * 1024, SEED)
-        made.append(Scenario("big", f"1 x {options.big_mib} MiB", files, files.total_bytes))
-    return made
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise ProcessFailed(f"the history's first sync failed:\n{done.stderr[-2000:]}")
+        say(f"  ... {seconds:.0f} s: {done.stdout.strip()}")
+    else:
+        history.seed_ours(config, ctx.target, hist, fetched_on=NIGHT)
+    history.check_seeded(clients.archive_of(config), hist)
+    ref = states / f"{name}-reference"
+    history.seed_reference(ref, ctx.target, hist, clients.archive_of(config))
+    return NightlyStates(hist, State(project, OURS_MUTABLE), State(ref, REFERENCE_MUTABLE)), seconds
 
 
 def machine() -> str:
@@ -199,123 +276,196 @@ def machine() -> str:
                 model = ", " + line.split(":", 1)[1].strip()
                 break
     return (
-        f"{os.cpu_count()} cores{model}; {platform.system()} {platform.release()} "
-        f"{platform.machine()}; Python {platform.python_version()}"
+        f"{os.cpu_count()} cores{model}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}"
     )
 
 
-def table(results: list[Result], header: list[tuple[str, str]], options: Options) -> str:
-    runs = options.runs
-    lines = [f"ibkr-statements fetch vs OpenSSH sftp -b, 127.0.0.1, median of {runs} run(s)", ""]
-    width = max(len(k) for k, _ in header)
-    lines += [f"{key:<{width}}  {value}" for key, value in header]
-    lines.append("")
-    columns = f"{'scenario':<18} {'tool':<5} {'wall s (min..max)':<22} {'rate':>16} "
-    columns += f"{'CPU s':>7} {'peak RSS':>9}"
-    lines += [columns, "-" * len(columns)]
-    verdicts = []
-    for result in results:
-        s = result.scenario
-        medians = {}
-        for tool, samples in (("ours", result.ours), ("sftp", result.sftp)):
-            wall = Summary.of([x.seconds for x in samples])
-            cpu = Summary.of([x.cpu_seconds for x in samples])
-            rss = max(x.max_rss_kib for x in samples) * 1024 / MB
-            medians[tool] = wall.median
-            spread = f"{wall.median:.2f} ({wall.low:.2f}..{wall.high:.2f})"
-            rate = f"{s.rate(wall.median):,.1f} {s.unit}"
-            label = s.label if tool == "ours" else ""
-            lines.append(
-                f"{label:<18} {tool:<5} {spread:<22} {rate:>16} {cpu.median:>7.2f} {rss:>6.0f} MB"
-            )
-        ratio = medians["sftp"] / medians["ours"]
-        goal = SMALL_TARGET if s.key == "small" else BIG_TARGET
-        line = f"{'':<18} ours/sftp {s.unit}: {ratio:.2f}x (target >= {goal:.1f}x: "
-        line += "met)" if ratio >= goal else "MISSED)"
-        lines.append(line)
-        verdicts.append(ratio >= goal)
-    if results:
-        rss = max(x.max_rss_kib for r in results for x in r.ours) * 1024 / MB
-        met = rss < RSS_TARGET_MB
-        verdicts.append(met)
-        lines += [
-            "",
-            f"ours peak RSS {rss:.0f} MB (target < {RSS_TARGET_MB:.0f} MB: "
-            + ("met)" if met else "MISSED)"),
-        ]
-    lines += [
-        "",
-        "Whole processes, spawn to exit; each copy verified (names, sizes, sha256). MB = 10^6 "
-        "bytes.",
-        "CPU s = user + system of the client process (sftp: with its ssh child); the sshd side "
-        "is not counted.",
-        "ours fsyncs each file and records it in its SQLite ledger; sftp writes without fsync.",
-    ]
-    if options.quick:
-        lines.append(
-            "--quick is a smoke test: at these sizes start-up (Python imports, connecting) "
-            "weighs most, so its ratios understate ours; judge the targets on a default run."
-        )
-    return "\n".join(lines)
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    options = parse(argv)
-    if not clients.CONSOLE_SCRIPT.exists():
-        say(f"{clients.CONSOLE_SCRIPT} is missing: .venv/bin/pip install -e .")
-        return 2
-    with tempfile.TemporaryDirectory(prefix="ibkr-bench-") as tmp:
-        work = Path(tmp)
-        say(f"setting up sshd and keys in {work}")
-        keys = make_client_keys(work / "client-keys")
-        with running_sshd(work / "sshd", keys) as server:
-            try:
-                return _run(server, work, options)
-            except ProcessFailed as exc:
-                say(f"benchmark failed: {exc}")
-                return 1
-
-
-def _run(server: SshdServer, work: Path, options: Options) -> int:
-    say("writing the corpus")
-    scenarios = build_scenarios(server.root, options)
+def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
+    load_before = load()
+    env = {**clients.clean_env(work / "pycache"), "COLUMNS": "200"}
+    clients.compile_package(env, work)
+    if o.compare is not None:
+        clients.compile_package({**env, "PYTHONPATH": str(o.compare[1])}, work)
+    say(f"making the PGP key (RSA-{o.pgp_bits}) with `ibkr-statements keys pgp`")
+    keyring = pgp.make_keyring(work / "pgp", o.pgp_bits, env)
+    calibrated_count = pgp.agent_count(keyring.calibrated)
+    stored = sorted(pgp.stored_counts(keyring.calibrated))
     probe = clients.make_project(
         work / "probe",
-        clients.Target(server, server.ed25519_key_path),
-        scenarios[0].files.folder,
-        options.workers,
+        Target(server, server.ed25519_key_path),
+        server.root,
+        gnupg_home=keyring.fast,
     )
     ours = clients.ours_negotiates(probe)
-    target = clients.Target(server, server.ed25519_key_path, ours.cipher, ours.mac)
+    target = Target(server, server.ed25519_key_path, ours.cipher, ours.mac)
     sftp_cipher = clients.sftp_cipher(target, work)
-    ours_cipher = f"{ours.cipher} + {ours.mac}" if ours.mac else ours.cipher
-    bench = Bench(target, work, options)
-    default_workers = SftpConfig.model_fields["workers"].default
-    workers = options.workers or f"config default ({default_workers})"
+    ctx = Context(
+        target=target,
+        keyring=keyring,
+        env=env,
+        rsa_login=Login(server.client_key_path, server.client_key_passphrase),
+        work=work,
+        workers=o.workers,
+        s2k=o.s2k,
+    )
+    say("writing and encrypting the corpus")
+    corpora = make_corpora(server, work, keyring, o)
+    unlock = pgp.unlock_seconds(
+        keyring, corpora.history.folder / corpora.history.reports[0].remote_name, 5
+    )
+    needs_history = {"nightly", "noop", "nightly-calibrated"} & set(o.scenarios)
+    first_sync_seconds = None
+    large = small = None
+    if needs_history:
+        say(f"archiving the history: {corpora.history.count:,} reports")
+        large, first_sync_seconds = make_history(ctx, "history", corpora.history, o)
+        if "noop" in o.scenarios:
+            say(f"archiving the small history: {corpora.small_history.count:,} reports")
+            small, _ = make_history(ctx, "small-history", corpora.small_history, o)
+
+    runner = Runner(work, o.runs)
+    done: list[Scenario] = []
+    profiles: list[Path] = []
+    for key in o.scenarios:
+        scenario = _scenario(key, ctx, corpora, large, small, o)
+        if o.compare is not None:
+            scenarios.add_twins(scenario, *o.compare)
+        say(scenario.title)
+        linked = key.startswith("nightly")
+        if linked:
+            corpus.link_into(corpora.history.folder, [corpora.new])
+        try:
+            done.append(runner.run(scenario))
+            if o.profile is not None:
+                profiles += _profile(runner, scenario, o.profile)
+        finally:
+            if linked:
+                corpus.unlink_from(corpora.history.folder, corpora.new)
+
     header = [
         ("machine", machine()),
+        ("load average", f"{load_before} before, {load()} after (1, 5, 15 min)"),
         (
             "versions",
-            f"paramiko {paramiko.__version__}; client {clients.openssh_version()}; "
-            f"server {ours.banner}",
+            f"paramiko {paramiko.__version__}; {clients.version_of(['ssh', '-V'])}; "
+            f"{clients.version_of(['gpg', '--version'])}; server {ours.banner}",
         ),
-        ("cipher", f"ours {ours_cipher} (negotiated); sftp {sftp_cipher} (made the same)"),
-        ("ours", f"workers = {workers}; ed25519 key, no passphrase (sftp: the same key)"),
-        ("statements", clients.statements_location(bench.env, work)),
-        ("sftp", "one connection, `get *`: files one after another, 64 x 32 KiB requests"),
+        ("cipher", f"ours {_cipher(ours)} (negotiated); sftp and reference.sh {sftp_cipher}"),
+        (
+            "SSH login",
+            "ed25519 without passphrase for both; also ours with an encrypted RSA-4096 key",
+        ),
+        (
+            "PGP key",
+            f"RSA-{o.pgp_bits} with passphrase, made by `keys pgp`; its gpg-agent calibrates "
+            f"s2k-count {calibrated_count:,} (key stored with {', '.join(map(str, stored))})",
+        ),
+        (
+            "unlock per file",
+            f"gpg -d of a small report: {unlock['calibrated']:.3f} s with the calibrated key, "
+            f"{unlock['fast']:.3f} s re-protected with s2k-count {pgp.FAST_S2K_COUNT:,} "
+            f"(median of 5); scenarios 1-4 use: {o.s2k}",
+        ),
+        (
+            "corpus",
+            f"history {corpora.history.count:,} x 5-50 KiB log-uniform "
+            f"({corpora.history.cipher_bytes / 1e6:,.0f} MB); new "
+            f"{corpora.new.count} x 5 KiB-5 MiB log-uniform ({corpora.new.cipher_bytes / 1e6:.1f} "
+            "MB); XML encrypted by gpg to the project key, --compress-algo none",
+        ),
+        (
+            "history",
+            "made by one `run`" + (f" in {first_sync_seconds:.0f} s" if first_sync_seconds else "")
+            if o.history_by_run
+            else "written through Ledger.record_fetched_many/complete (see bench/history.py)",
+        ),
+        (
+            "ours",
+            f"workers = {o.workers or SftpConfig.model_fields['workers'].default}; "
+            f"statements from {clients.statements_location(env, work)}",
+        ),
+        *([("compare", f"[{o.compare[0]}]: statements from {o.compare[1]}")] if o.compare else []),
+        (
+            "runs",
+            f"{o.runs} per tool, interleaved; wall time spawn to exit; total "
+            f"{(time.monotonic() - started) / 60:.1f} min",
+        ),
     ]
-    results: list[Result] = []
-    profiles: list[Path] = []
-    for scenario in scenarios:
-        say(f"{scenario.key}: {scenario.label} ({scenario.total_bytes:,} bytes)")
-        results.append(bench.scenario(scenario))
-        if options.profile is not None:
-            profiles.append(bench.profile(scenario, options.profile))
-            say(f"  profile: {profiles[-1]}")
-    print(table(results, header, options))
+    width = max(len(k) for k, _ in header)
+    lines = ["ibkr-statements vs OpenSSH sftp -b, bench/reference.sh and gpg on 127.0.0.1", ""]
+    lines += [f"{key:<{width}}  {value}" for key, value in header]
+    for scenario in done:
+        lines += report.scenario_table(scenario)
+    if first_sync_seconds is not None:
+        lines.append(
+            f"\nbonus: first sync of {corpora.history.count:,} reports by one `run`: "
+            f"{first_sync_seconds:.0f} s"
+        )
+    lines += report.summary(done)
+    lines += [
+        "",
+        "Ratios compare medians measured in this run. time: ours/ref wall time (lower is "
+        "better); speed: ref/ours (higher is better).",
+        "spread = (max - min) / median of a tool's runs: the machine's noise. ours fsyncs every "
+        "file and its ledger; sftp, gpg and reference.sh do not.",
+        "CPU s and peak RSS are of the whole process tree the tool waited for (GNU time); the "
+        "sshd and gpg-agent sides are not counted.",
+    ]
+    if o.quick:
+        lines.append(
+            "--quick is a smoke test: at these sizes start-up weighs most; judge the targets "
+            "on a default run."
+        )
+    print("\n".join(lines))
     for path in profiles:
         print(f"profile: {path}")
     return 0
+
+
+def _cipher(n: clients.Negotiated) -> str:
+    return f"{n.cipher} + {n.mac}" if n.mac else n.cipher
+
+
+def _scenario(
+    key: str,
+    ctx: Context,
+    corpora: Corpora,
+    large: NightlyStates | None,
+    small: NightlyStates | None,
+    o: Options,
+) -> Scenario:
+    if key in ("nightly", "nightly-calibrated"):
+        assert large is not None
+        return scenarios.nightly(ctx, large, corpora.new, calibrated=key == "nightly-calibrated")
+    if key == "noop":
+        assert large is not None and small is not None
+        return scenarios.noop(ctx, small, large)
+    if key == "first-sync":
+        assert corpora.first_sync is not None
+        c = corpora.first_sync
+        title = f"3. first sync: {c.count:,} x {o.first_sync_kib} KiB into an empty project"
+        return scenarios.transfer(ctx, key, title, c, big=False)
+    assert corpora.big is not None
+    c = corpora.big
+    title = f"4. big file: 1 x {o.big_mib:,} MiB ({c.cipher_bytes / 1e6:,.0f} MB encrypted)"
+    return scenarios.transfer(ctx, key, title, c, big=True)
+
+
+def _profile(runner: Runner, scenario: Scenario, out: Path) -> list[Path]:
+    from bench import profile
+
+    made = []
+    for tool in scenario.tools:
+        if tool.name.startswith("ours"):
+            path = profile.record(runner, scenario, tool, out)
+            made.append(path)
+            say(profile.top_frames(path))
+    return made
 
 
 if __name__ == "__main__":

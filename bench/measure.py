@@ -14,6 +14,7 @@ import os
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,13 +54,24 @@ def run_measured(
             stderr=log,
             start_new_session=True,
         )
-        try:
-            code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        # wait() with a timeout polls in sleeps of up to 50 ms, which would round every time
+        # up to the next 50 ms; a blocking wait() returns when the process ends, and a timer
+        # ends a process that overruns.
+        expired = threading.Event()
+
+        def kill() -> None:
+            expired.set()
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise ProcessFailed(f"{argv[0]} did not finish within {timeout_s:g} s") from None
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            code = process.wait()
+        finally:
+            timer.cancel()
         seconds = time.perf_counter() - started
+        if expired.is_set():
+            raise ProcessFailed(f"{argv[0]} did not finish within {timeout_s:g} s")
     if code != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise ProcessFailed(f"{' '.join(argv[:4])} ... exited with {code}:\n{tail}")

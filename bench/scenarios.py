@@ -1,0 +1,552 @@
+"""Issue 7's scenarios (and issue 4's decrypt figures) as tools that run in turn.
+
+A scenario is a list of tools, each a whole process prepared afresh for every run from a saved
+state; the runner interleaves them (ours, reference, ours, reference, ...) so that a change in
+the machine's load hits both, and checks every result file by file before its time counts.
+Before each run: the gpg-agent of the key is stopped (each run starts its own, as a nightly
+run does) and dirty pages are written back (no run pays for another's writes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bench import clients
+from bench.clients import Login, Target
+from bench.corpus import Corpus, problem_with_archive, problem_with_copy
+from bench.history import OURS_MUTABLE, State
+from bench.measure import ProcessFailed, Sample, run_measured
+from bench.pgp import Keyring, kill_agent
+
+PROCESS_TIMEOUT_S = 3600.0
+Check = Callable[[str], str | None]  # the run's output -> what is wrong, or None
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Job:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    check: Check
+    agents: tuple[Path, ...] = ()  # GnuPG homes whose agent is stopped before the run
+
+
+@dataclass
+class Tool:
+    name: str
+    prepare: Callable[[Path], Job]  # given an empty folder of its own
+    rate: Callable[[float], str] | None = None  # seconds -> "123 files/s"
+    keep_first: Path | None = None  # move the first run's folder here (a state for others)
+    samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """ours/ref wall time ("time": lower is better) or ref/ours ("speed": higher is better)."""
+
+    label: str
+    ours: str
+    ref: str
+    kind: Literal["time", "speed"]
+    target: float | None = None  # None: reported, no target
+    moonshot: float | None = None
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    tools: list[Tool]
+    ratios: list[Ratio]
+    notes: list[str] = field(default_factory=list)
+    rss_target: bool = True  # our peak RSS is held to the target here
+
+    def tool(self, name: str) -> Tool:
+        return next(t for t in self.tools if t.name == name)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every scenario needs: the server, the key, the clean environment, the options."""
+
+    target: Target
+    keyring: Keyring
+    env: dict[str, str]
+    rsa_login: Login  # the encrypted RSA-4096 key users have
+    work: Path
+    workers: int | None
+    s2k: str  # "fast" or "calibrated": the GnuPG home the main scenarios use
+
+    @property
+    def home(self) -> Path:
+        return self.keyring.home(self.s2k)
+
+
+class Runner:
+    def __init__(self, work: Path, runs: int) -> None:
+        self.work = work
+        self.runs = runs
+
+    def run(self, scenario: Scenario) -> Scenario:
+        for i in range(self.runs):
+            for tool in scenario.tools:
+                sample = self.once(scenario, tool, str(i))
+                tool.samples.append(sample)
+                rate = f", {tool.rate(sample.seconds)}" if tool.rate else ""
+                say(
+                    f"  {scenario.key} {tool.name} {i + 1}/{self.runs}: {sample.seconds:.2f} s"
+                    f"{rate}, {sample.max_rss_kib / 1024:.0f} MiB peak RSS"
+                )
+        return scenario
+
+    def once(self, scenario: Scenario, tool: Tool, tag: str, wrap: Sequence[str] = ()) -> Sample:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", tool.name).strip("-")
+        folder = self.work / "runs" / f"{scenario.key}-{slug}-{tag}"
+        folder.mkdir(parents=True)
+        job = tool.prepare(folder)
+        for home in job.agents:
+            kill_agent(home)
+        os.sync()
+        log_path = folder / "output.log"
+        sample = run_measured(
+            [*wrap, *job.argv],
+            env=job.env,
+            cwd=job.cwd,
+            log_path=log_path,
+            timeout_s=PROCESS_TIMEOUT_S,
+        )
+        output = log_path.read_text(errors="replace")
+        problem = job.check(output)
+        if problem is not None:
+            raise ProcessFailed(f"{tool.name} exited 0 but {problem}\n{output[-2000:]}")
+        if tool.keep_first is not None and not tool.keep_first.exists():
+            tool.keep_first.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(tool.keep_first)
+        else:
+            shutil.rmtree(folder)
+        return sample
+
+
+# --- the tools -----------------------------------------------------------------------------
+
+
+def _all(*checks: Check) -> Check:
+    def check(output: str) -> str | None:
+        for one in checks:
+            problem = one(output)
+            if problem is not None:
+                return problem
+        return None
+
+    return check
+
+
+def _ignore_root(check: Check) -> Callable[[Path, str], str | None]:
+    return lambda _root, output: check(output)
+
+
+def _says(pattern: str) -> Check:
+    def check(output: str) -> str | None:
+        return None if re.search(pattern, output) else f"its output does not say {pattern!r}"
+
+    return check
+
+
+def ours(
+    ctx: Context,
+    command: str,
+    remote: Path,
+    *,
+    state: State | None = None,
+    login: Login | None = None,
+    home: Path | None = None,
+    check: Check,
+) -> Callable[[Path], Job]:
+    """Our console script in a project: a fresh one, or a copy of ``state``'s."""
+
+    def prepare(folder: Path) -> Job:
+        root = folder / "project"
+        gnupg_home = home or ctx.home
+        if state is None:
+            config = clients.make_project(
+                root,
+                ctx.target,
+                remote,
+                gnupg_home=gnupg_home,
+                login=login,
+                workers=ctx.workers,
+            )
+        else:
+            state.clone(root)
+            if login is not None:
+                clients.install_login(root, login)
+            config = clients.write_config(
+                root, ctx.target, remote, gnupg_home=gnupg_home, workers=ctx.workers
+            )
+        return Job(
+            clients.ours_argv(config, command),
+            clients.ours_env(ctx.env, _passphrase(ctx), login),
+            root,
+            lambda output: check(output) or _check_archive_root(config, output),
+            (gnupg_home,),
+        )
+
+    return prepare
+
+
+def _check_archive_root(config: Path, _output: str) -> str | None:
+    return None if clients.archive_of(config).is_dir() else "it left no archive folder"
+
+
+def _passphrase(ctx: Context) -> str:
+    return ctx.keyring.passphrase_file.read_text()
+
+
+def reference(
+    ctx: Context,
+    remote: Path,
+    *,
+    state: State | None = None,
+    home: Path | None = None,
+    check: Callable[[Path, str], str | None],
+) -> Callable[[Path], Job]:
+    """bench/reference.sh with its own state folder: a fresh one, or a copy of ``state``'s."""
+
+    def prepare(folder: Path) -> Job:
+        root = folder / "state"
+        if state is None:
+            root.mkdir()
+        else:
+            state.clone(root)
+        gnupg_home = home or ctx.home
+        env = clients.reference_env(
+            ctx.env, ctx.target, remote, gnupg_home, ctx.keyring.passphrase_file
+        )
+        return Job(
+            clients.reference_argv(root),
+            env,
+            folder,
+            lambda output: check(root, output),
+            (gnupg_home,),
+        )
+
+    return prepare
+
+
+def sftp_get_all(ctx: Context, corpus: Corpus) -> Callable[[Path], Job]:
+    """`sftp -b` with `get *`: one connection, files one after another, 64 x 32 KiB in flight."""
+
+    def prepare(folder: Path) -> Job:
+        dest = folder / "dest"
+        dest.mkdir()
+        batch = clients.write_get_batch(folder / "get.batch", corpus.folder, dest)
+        return Job(
+            clients.sftp_argv(ctx.target, batch),
+            ctx.env,
+            folder,
+            lambda _output: problem_with_copy(corpus.cipher_digests, dest),
+        )
+
+    return prepare
+
+
+def gpg_decrypt(ctx: Context, corpus: Corpus) -> Callable[[Path], Job]:
+    """The gpg binary alone: `gpg -d` of one file, or ONE `gpg --decrypt-files` of them all."""
+
+    def prepare(folder: Path) -> Job:
+        home = ctx.home
+        common = [
+            "gpg",
+            "--homedir",
+            str(home),
+            "--batch",
+            "--quiet",
+            "--no-tty",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-file",
+            str(ctx.keyring.passphrase_file),
+        ]
+        if corpus.count == 1:
+            report = corpus.reports[0]
+            output = folder / report.plain_name
+            argv = [*common, "--output", str(output), "--decrypt"]
+            argv.append(str(corpus.folder / report.remote_name))
+        else:
+            for report in corpus.reports:
+                os.link(corpus.folder / report.remote_name, folder / report.remote_name)
+            argv = [*common, "--decrypt-files", *(r.remote_name for r in corpus.reports)]
+        expected = {r.plain_name: corpus.plain_digests[r.archive_path] for r in corpus.reports}
+
+        def check(_output: str) -> str | None:
+            plain = folder / "plain"
+            plain.mkdir()
+            for name in expected:
+                (folder / name).rename(plain / name)
+            return problem_with_copy(expected, plain)
+
+        return Job(argv, ctx.env, folder, check, (home,))
+
+    return prepare
+
+
+def _files_rate(count: int) -> Callable[[float], str]:
+    return lambda seconds: f"{count / seconds:,.0f} files/s"
+
+
+def _mb_rate(nbytes: int) -> Callable[[float], str]:
+    return lambda seconds: f"{nbytes / 1e6 / seconds:,.1f} MB/s"
+
+
+# --- the scenarios -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NightlyStates:
+    """The server folder with the history (and, during the nightly, the new files)."""
+
+    history: Corpus
+    ours: State
+    reference: State
+
+
+def nightly(ctx: Context, states: NightlyStates, new: Corpus, *, calibrated: bool) -> Scenario:
+    """Scenario 1: a history already archived, ``new`` new files; our `run` vs reference.sh."""
+    folder = states.history.folder
+    n, old = new.count, states.history.count
+    home = ctx.keyring.calibrated if calibrated else None
+
+    def ours_check(output: str) -> str | None:
+        return _says(rf"fetched {n} new, skipped {old}\b")(output) or None
+
+    def archived(config_root: Path) -> str | None:
+        return problem_with_archive(new.plain_digests, config_root)
+
+    def ours_tool(login: Login | None) -> Callable[[Path], Job]:
+        prepare = ours(
+            ctx, "run", folder, state=states.ours, login=login, home=home, check=ours_check
+        )
+
+        def with_archive(path: Path) -> Job:
+            job = prepare(path)
+            archive = path / "project" / "archive"
+            return Job(
+                job.argv,
+                job.env,
+                job.cwd,
+                _all(job.check, lambda _o: archived(archive)),
+                job.agents,
+            )
+
+        return with_archive
+
+    ref = reference(
+        ctx,
+        folder,
+        state=states.reference,
+        home=home,
+        check=lambda root, output: (
+            _says(rf"fetched and archived {n} new \({old + n} listed\)")(output)
+            or problem_with_archive(new.plain_digests, root)
+        ),
+    )
+    key = "calibrated S2K" if calibrated else f"{ctx.s2k} S2K"
+    tools = [Tool("ours run", ours_tool(None)), Tool("reference.sh", ref)]
+    ratios = [Ratio("nightly: run / reference", "ours run", "reference.sh", "time", 1.0, 0.8)]
+    if not calibrated:
+        tools.append(Tool("ours run, RSA-4096 key", ours_tool(ctx.rsa_login)))
+        ratios.append(
+            Ratio(
+                "nightly, ours with the encrypted RSA-4096 SSH key / reference (ed25519)",
+                "ours run, RSA-4096 key",
+                "reference.sh",
+                "time",
+            )
+        )
+    return Scenario(
+        "nightly-calibrated" if calibrated else "nightly",
+        f"1. nightly: {old:,} archived, {n} new ({new.cipher_bytes / 1e6:.1f} MB); PGP key "
+        f"with {key}",
+        tools,
+        ratios,
+    )
+
+
+def noop(ctx: Context, small: NightlyStates, large: NightlyStates) -> Scenario:
+    """Scenario 2: nothing new, with a small and a large history; ours should barely grow."""
+    tools = []
+    for states in (small, large):
+        count = states.history.count
+        tools.append(
+            Tool(
+                f"ours run, {count:,} old",
+                ours(
+                    ctx,
+                    "run",
+                    states.history.folder,
+                    state=states.ours,
+                    check=_says(rf"fetched 0 new, skipped {count}\b"),
+                ),
+            )
+        )
+        tools.append(
+            Tool(
+                f"reference.sh, {count:,} old",
+                reference(
+                    ctx,
+                    states.history.folder,
+                    state=states.reference,
+                    check=_ignore_root(_says(rf"nothing new \({count} listed\)")),
+                ),
+            )
+        )
+    s, ln = f"{small.history.count:,} old", f"{large.history.count:,} old"
+    return Scenario(
+        "noop",
+        f"2. no-op nightly: 0 new, {small.history.count:,} vs {large.history.count:,} archived",
+        tools,
+        [
+            Ratio(
+                f"no-op growth, ours: {ln} / {s}", f"ours run, {ln}", f"ours run, {s}", "time", 1.5
+            ),
+            Ratio(
+                f"no-op growth, reference: {ln} / {s}",
+                f"reference.sh, {ln}",
+                f"reference.sh, {s}",
+                "time",
+            ),
+            Ratio(
+                f"no-op, {ln}: run / reference", f"ours run, {ln}", f"reference.sh, {ln}", "time"
+            ),
+        ],
+    )
+
+
+def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -> Scenario:
+    """Scenarios 3 and 4: a first sync of ``corpus`` into empty projects.
+
+    fetch vs `sftp -b`; decrypt (the fetched inbox) vs the gpg binary; run vs reference.sh.
+    """
+    folder = corpus.folder
+    rate = _mb_rate(corpus.cipher_bytes) if big else _files_rate(corpus.count)
+    fetched = ctx.work / "states" / f"{key}-fetched"
+    fetched_state = State(fetched / "project", OURS_MUTABLE)
+
+    def fetch_check(output: str) -> str | None:
+        return _says(rf"fetched {corpus.count} new")(output)
+
+    def ours_fetch(path: Path) -> Job:
+        job = ours(ctx, "fetch", folder, check=fetch_check)(path)
+        inbox = path / "project" / "archive" / ".inbox"
+        return Job(
+            job.argv,
+            job.env,
+            job.cwd,
+            _all(job.check, lambda _o: problem_with_copy(corpus.cipher_digests, inbox)),
+            job.agents,
+        )
+
+    def ours_with_archive(command: str, state: State | None) -> Callable[[Path], Job]:
+        prepare = ours(ctx, command, folder, state=state, check=lambda _o: None)
+
+        def run(path: Path) -> Job:
+            job = prepare(path)
+            archive = path / "project" / "archive"
+            return Job(
+                job.argv,
+                job.env,
+                job.cwd,
+                _all(job.check, lambda _o: problem_with_archive(corpus.plain_digests, archive)),
+                job.agents,
+            )
+
+        return run
+
+    gpg_name = "gpg -d" if big else "ONE gpg --decrypt-files"
+    tools = [
+        Tool("ours fetch", ours_fetch, rate, keep_first=fetched),
+        Tool("sftp -b get", sftp_get_all(ctx, corpus), rate),
+        Tool("ours decrypt", ours_with_archive("decrypt", fetched_state), rate),
+        Tool(gpg_name, gpg_decrypt(ctx, corpus), rate),
+        Tool("ours run", ours_with_archive("run", None), rate),
+        Tool(
+            "reference.sh",
+            reference(
+                ctx,
+                folder,
+                check=lambda root, output: (
+                    _says(rf"fetched and archived {corpus.count} new")(output)
+                    or problem_with_archive(corpus.plain_digests, root)
+                ),
+            ),
+            rate,
+        ),
+    ]
+    fetch_goal, decrypt_goal = (0.5, 0.9) if big else (0.6, 1.0)
+    return Scenario(
+        key,
+        title,
+        tools,
+        [
+            Ratio(
+                "fetch: ours / sftp -b (speed)", "ours fetch", "sftp -b get", "speed", fetch_goal
+            ),
+            Ratio(
+                f"decrypt: ours / {gpg_name} (speed)",
+                "ours decrypt",
+                gpg_name,
+                "speed",
+                decrypt_goal,
+            ),
+            Ratio("run / reference.sh", "ours run", "reference.sh", "time", 1.0),
+        ],
+    )
+
+
+def add_twins(scenario: Scenario, label: str, pythonpath: Path) -> Scenario:
+    """Each of our tools again with `statements` imported from ``pythonpath``, interleaved
+    with the others: a before/after comparison under the same load."""
+    tools: list[Tool] = []
+    for tool in scenario.tools:
+        tools.append(tool)
+        if tool.name.startswith("ours"):
+            tools.append(
+                Tool(f"{tool.name} [{label}]", _with_path(tool.prepare, pythonpath), tool.rate)
+            )
+    names = {t.name for t in scenario.tools}
+    ratios = list(scenario.ratios)
+    for ratio in scenario.ratios:
+        if ratio.ours in names and ratio.ours.startswith("ours"):
+            twin_ref = f"{ratio.ref} [{label}]" if ratio.ref.startswith("ours") else ratio.ref
+            ratios.append(
+                Ratio(
+                    f"{ratio.label} [{label}]",
+                    f"{ratio.ours} [{label}]",
+                    twin_ref,
+                    ratio.kind,
+                    ratio.target,
+                    ratio.moonshot,
+                )
+            )
+    scenario.tools, scenario.ratios = tools, ratios
+    return scenario
+
+
+def _with_path(prepare: Callable[[Path], Job], pythonpath: Path) -> Callable[[Path], Job]:
+    def twin(folder: Path) -> Job:
+        job = prepare(folder)
+        env = {**job.env, "PYTHONPATH": str(pythonpath)}
+        return Job(job.argv, env, job.cwd, job.check, job.agents)
+
+    return twin
