@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def empty_project(tmp_path: Path) -> Iterator[Project]:
 
 
 pytest_plugins = ["tests.sshd"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_every_gpg_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """gpg starts an agent per GnuPG home on first use; none may outlive the session."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    for socket_path in base.rglob("S.gpg-agent"):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(socket_path.parent), "--kill", "gpg-agent"],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
