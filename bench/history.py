@@ -2,7 +2,7 @@
 
 Ours: a project whose ledger and archive hold the history exactly as `run` leaves them. Either
 `run` itself makes it (``--history-by-run``: one first sync of the whole history, which pays a
-gpg decryption per file and takes 15-25 minutes for 20,000 files on these machines), or, by
+gpg decryption per file and takes 8-10 minutes for 20,000 files on these machines), or, by
 default, it is written through the project's own code: `Ledger.record_fetched_many` and
 `Ledger.complete` (the calls `run` makes), `archive.destination` for each file's place, the
 plaintext filed there and the ciphertext kept under `.encrypted/`, as `run` does.

@@ -164,7 +164,9 @@ def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(tmp_path: Path)
     server.stop_after = (12_000, stop)
     with Ledger.open(tmp_path) as ledger:
         summary = fetch(server, tmp_path, ledger, stop=stop)
-        assert (summary.abandoned, summary.failures) == (1, [])
+        # next.pgp runs on another worker: it may land, be abandoned too, or never start,
+        # depending on when the stop comes; nothing fails and nothing is lost either way.
+        assert summary.failures == [] and 1 <= summary.abandoned <= 2
         part = tmp_path / ".inbox" / "big.pgp.part"
         assert 12_000 <= part.stat().st_size < len(data)
         assert "big.pgp" not in {row.inbox_name for row in ledger.fetched_rows()}
