@@ -15,6 +15,7 @@ import posixpath
 import random
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,17 @@ MAX_READ_CHUNK = 256 * 1024
 READ_AHEAD_BYTES = 2 * 1024 * 1024
 # A whole read reply in one SSH packet (paramiko's default, 32 KiB, splits even a 32 KiB one).
 MAX_PACKET_SIZE = MAX_READ_CHUNK + 1024
+# Listing: READDIR requests kept in flight on one folder handle (OpenSSH answers each with
+# up to 100 names; 32 in flight list 20,000 files in 7 round trips), and how much of a
+# folder is believed before the listing is refused.
+READDIR_AHEAD = 32
+MAX_FOLDER_ENTRIES = 1_000_000
+MAX_READDIR_REQUESTS = MAX_FOLDER_ENTRIES  # a server that answers with names gives >= 1 each
+_FLAG_SIZE = paramiko.SFTPAttributes.FLAG_SIZE
+_FLAG_UIDGID = paramiko.SFTPAttributes.FLAG_UIDGID
+_FLAG_PERMISSIONS = paramiko.SFTPAttributes.FLAG_PERMISSIONS
+_FLAG_AMTIME = paramiko.SFTPAttributes.FLAG_AMTIME
+_FLAG_EXTENDED = paramiko.SFTPAttributes.FLAG_EXTENDED
 ALTERNATIVE_ENDPOINT = "ftp2.interactivebrokers.com port 22, folder outgoing"
 
 
@@ -122,35 +134,162 @@ def name_problem(name: str) -> str | None:
 
 
 def list_folder_entries(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttributes]:
-    """``sftp.listdir_attr(folder)``, except for names that are not UTF-8.
+    """``sftp.listdir_attr(folder)``, pipelined, and keeping names that are not UTF-8.
 
     OpenSSH sends each name as the bytes on its disk, and paramiko decodes them strictly: one
     such name would fail the whole listing with UnicodeDecodeError, every night. Here it
     arrives surrogate-escaped, and name_problem refuses it like any other unsafe name.
+
+    listdir_attr also waits for each READDIR answer (up to 100 names from OpenSSH) before it
+    asks for the next: 200 round trips for 20,000 files. Here READDIR_AHEAD requests on the
+    handle are in flight; the server answers them in order, each with the next batch, then EOF.
     """
-    # paramiko has no hook for that decoding: this is its listdir_attr with the decode changed.
+    # paramiko has no hook for that decoding: this is its listdir_attr, rewritten around it.
     request = sftp._request  # type: ignore[attr-defined]
-    from_msg = paramiko.SFTPAttributes._from_msg  # type: ignore[attr-defined]
-    kind, msg = request(CMD_OPENDIR, sftp._adjust_cwd(folder))  # type: ignore[attr-defined]
-    if kind != CMD_HANDLE:
-        raise paramiko.SFTPError("Expected handle")
-    handle = msg.get_binary()
+    path = sftp._adjust_cwd(folder)  # type: ignore[attr-defined]
+    # A server that answers one handle's requests out of order shows it by names after an
+    # EOF; the folder is then listed again with one request at a time, as listdir_attr does.
+    for ahead in (READDIR_AHEAD, 1):
+        kind, msg = request(CMD_OPENDIR, path)
+        if kind != CMD_HANDLE:
+            raise paramiko.SFTPError("Expected handle")
+        handle = msg.get_binary()
+        entries = _read_folder(sftp, handle, ahead)
+        # Nothing was written through the handle: no need to wait a round trip for the answer.
+        sftp._async_request(type(None), CMD_CLOSE, handle)  # type: ignore[attr-defined]
+        if entries is not None:
+            return entries
+        log.info("%s: READDIR answers came out of order; listing it again, unpipelined", folder)
+    raise AssertionError("unreachable: one READDIR in flight leaves nothing after the end")
+
+
+def _read_folder(
+    sftp: paramiko.SFTPClient, handle: bytes, ahead: int
+) -> list[paramiko.SFTPAttributes] | None:
+    """Every entry of an open folder handle, with ``ahead`` READDIRs in flight.
+
+    None when a name arrives after the server said EOF. Once at EOF, the requests still in
+    flight are drained (their answers are EOF) so that the handle can be closed cleanly.
+    """
+    request = sftp._async_request  # type: ignore[attr-defined]
+    replies = _Replies()
+    pending: collections.deque[int] = collections.deque()
     entries: list[paramiko.SFTPAttributes] = []
-    while True:
+    for _ in range(MAX_READDIR_REQUESTS):
+        while len(pending) < ahead:
+            pending.append(request(replies, CMD_READDIR, handle))
         try:
-            kind, msg = request(CMD_READDIR, handle)
+            kind, msg = _reply(sftp, replies, pending.popleft())
         except EOFError:
             break  # paramiko's way of saying the folder has no more entries
         if kind != CMD_NAME:
             raise paramiko.SFTPError("Expected name response")
-        for _ in range(msg.get_int()):
-            filename = msg.get_string().decode("utf-8", "surrogateescape")
-            longname = msg.get_string().decode("utf-8", "replace")
-            attrs = from_msg(msg, filename, longname)
-            if filename not in (".", ".."):
-                entries.append(attrs)
-    request(CMD_CLOSE, handle)
-    return entries
+        _add_names(msg.get_remainder(), entries)
+        if len(entries) > MAX_FOLDER_ENTRIES:
+            raise OSError(f"the server lists more than {MAX_FOLDER_ENTRIES} entries")
+    else:
+        raise OSError(f"the server sent no end after {MAX_READDIR_REQUESTS} READDIR answers")
+    in_order = True
+    while pending:
+        try:
+            kind, _msg = _reply(sftp, replies, pending.popleft())
+        except EOFError:
+            continue
+        except TimeoutError:
+            raise  # a stalled server: fail now, not after each request in flight
+        except OSError:
+            continue  # an error status past the end: listdir_attr would never have asked
+        if kind == CMD_NAME:
+            in_order = False
+    return entries if in_order else None
+
+
+_U32 = struct.Struct(">I")
+_U32_PAIR = struct.Struct(">II")
+_U64 = struct.Struct(">Q")
+_ENTRY_MIN_BYTES = 12  # name length, longname length, attribute flags
+
+
+def _add_names(data: bytes, entries: list[paramiko.SFTPAttributes]) -> None:
+    """Append the entries of a NAME reply (``data``: what follows its request id) but . and ..
+
+    Each is the SFTPAttributes paramiko's ``_from_msg`` builds, field for field, except that
+    the name is decoded with surrogateescape, and extended attributes (OpenSSH sends none) are
+    {name: value} where paramiko's come out as {value: name}. paramiko reads field by field
+    through a BytesIO, the larger part of the client's work on a big folder; struct on the
+    bytes takes half the time. Unlike paramiko, a reply that ends early is refused: paramiko
+    pads it with zero bytes, and a count of 2**32 names in a short reply would keep it looping.
+    """
+    u32 = _U32.unpack_from
+    pair = _U32_PAIR.unpack_from
+    u64 = _U64.unpack_from
+    end = len(data)
+    try:
+        (count,) = u32(data, 0)
+        if count > (end - 4) // _ENTRY_MIN_BYTES:
+            raise _malformed()
+        at = 4
+        for _ in range(count):
+            (length,) = u32(data, at)
+            name = data[at + 4 : at + 4 + length]
+            at += 4 + length
+            (length,) = u32(data, at)
+            longname = data[at + 4 : at + 4 + length]
+            at += 4 + length
+            (flags,) = u32(data, at)
+            at += 4
+            attrs = paramiko.SFTPAttributes()
+            attrs._flags = flags  # type: ignore[attr-defined]
+            if flags & _FLAG_SIZE:
+                (attrs.st_size,) = u64(data, at)
+                at += 8
+            if flags & _FLAG_UIDGID:
+                attrs.st_uid, attrs.st_gid = pair(data, at)
+                at += 8
+            if flags & _FLAG_PERMISSIONS:
+                (attrs.st_mode,) = u32(data, at)
+                at += 4
+            if flags & _FLAG_AMTIME:
+                attrs.st_atime, attrs.st_mtime = pair(data, at)
+                at += 8
+            if flags & _FLAG_EXTENDED:
+                (pairs,) = u32(data, at)
+                at += 4
+                if pairs > (end - at) // 8:
+                    raise _malformed()
+                for _ in range(pairs):
+                    (length,) = u32(data, at)
+                    key = data[at + 4 : at + 4 + length]
+                    at += 4 + length
+                    (length,) = u32(data, at)
+                    value = data[at + 4 : at + 4 + length]
+                    at += 4 + length
+                    # bytes, as paramiko stores them; its stubs say str
+                    attrs.attr[key] = value  # type: ignore[index,assignment]
+            if at > end:  # a name ran past the end: slicing does not say so, the offset does
+                raise _malformed()
+            if name in (b".", b".."):
+                continue
+            attrs.filename = name.decode("utf-8", "surrogateescape")
+            attrs.longname = longname.decode("utf-8", "replace")
+            entries.append(attrs)
+    except struct.error:
+        raise _malformed() from None
+
+
+def _malformed() -> OSError:
+    return OSError("the server sent a malformed folder listing (a READDIR answer ends early)")
+
+
+def _reply(sftp: paramiko.SFTPClient, replies: _Replies, num: int) -> tuple[int, paramiko.Message]:
+    """The answer to request ``num``; a status raises (EOFError at the end) as paramiko's do."""
+    if num in replies.replies:
+        kind, msg = replies.replies.pop(num)
+        if kind == CMD_STATUS:
+            sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises unless OK
+        return kind, msg
+    kind, msg = sftp._read_response(num)  # type: ignore[attr-defined]
+    return cast(int, kind), cast(paramiko.Message, msg)
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:

@@ -163,7 +163,10 @@ def write_key_pair(
 
 
 def load_private_key(path: Path, passphrase: str | None) -> SshPrivateKey:
-    """Load an OpenSSH- or PEM-format RSA, Ed25519 or ECDSA private key."""
+    """Load an OpenSSH- or PEM-format RSA, Ed25519 or ECDSA private key.
+
+    RSA keys are loaded without OpenSSL's full validation (see _SKIP_RSA_CHECK).
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -176,10 +179,7 @@ def load_private_key(path: Path, passphrase: str | None) -> SshPrivateKey:
         raise KeyProblem(f"Cannot read the SSH private key {path}: {exc.strerror}.") from None
     secret = passphrase.encode("utf-8") if passphrase else None
     try:
-        if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
-            loaded: object = serialization.load_ssh_private_key(data, secret)
-        else:
-            loaded = serialization.load_pem_private_key(data, secret)
+        loaded: object = _load(data, secret)
     except TypeError:
         # cryptography raises TypeError for "encrypted but no password" and the reverse.
         if secret is None:
@@ -206,13 +206,60 @@ def load_private_key(path: Path, passphrase: str | None) -> SshPrivateKey:
         loaded, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
     ):
         raise KeyProblem(f"{path} holds a {type(loaded).__name__}; use RSA, ed25519 or ECDSA.")
+    if isinstance(loaded, rsa.RSAPrivateKey) and not rsa_numbers_fit(loaded):
+        raise KeyProblem(
+            f"The SSH private key {path} is damaged: its RSA numbers do not fit together.",
+            "Restore it from your backup (`ibkr-statements keys restore FILE`), or make a new "
+            "pair and send IBKR its public key: ibkr-statements keys ssh --force.",
+        )
     return loaded
 
 
-def _load_unencrypted(data: bytes) -> object:
+# cryptography's full check of an RSA private key (OpenSSL's RSA_check_key) proves p and q
+# prime: a quarter to half a second of every run's start for RSA-4096, twice the passphrase's
+# bcrypt KDF. The check guards against keys from someone else. This is the user's own key, in
+# a file only they can read (load_login_key refuses it otherwise), which they could replace
+# with any key anyway, and IBKR's server checks every signature against its public half:
+# OpenSSH uses the same file without that check. What a damaged file would break is caught
+# cheaply instead: cryptography still checks p*q == n, and rsa_numbers_fit the rest.
+_SKIP_RSA_CHECK = True
+
+
+def _load(data: bytes, secret: bytes | None) -> object:
     if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
-        return serialization.load_ssh_private_key(data, None)
-    return serialization.load_pem_private_key(data, None)
+        return serialization.load_ssh_private_key(
+            data, secret, unsafe_skip_rsa_key_validation=_SKIP_RSA_CHECK
+        )
+    return serialization.load_pem_private_key(
+        data, secret, unsafe_skip_rsa_key_validation=_SKIP_RSA_CHECK
+    )
+
+
+def _load_unencrypted(data: bytes) -> object:
+    return _load(data, None)
+
+
+def rsa_numbers_fit(key: rsa.RSAPrivateKey) -> bool:
+    """RSA_check_key's arithmetic, microseconds, without its primality tests (its cost).
+
+    Signing uses d mod (p-1), d mod (q-1) and q's inverse mod p (CRT): a damaged one makes
+    signatures the server refuses, blamed on the wrong key.
+    """
+    numbers = key.private_numbers()
+    p, q, d = numbers.p, numbers.q, numbers.d
+    e, n = numbers.public_numbers.e, numbers.public_numbers.n
+    return (
+        p > 2
+        and q > 2
+        and p * q == n
+        and e > 1
+        and (d * e) % (p - 1) == 1
+        and (d * e) % (q - 1) == 1
+        and numbers.dmp1 == d % (p - 1)
+        and numbers.dmq1 == d % (q - 1)
+        and 0 < numbers.iqmp < p
+        and (numbers.iqmp * q) % p == 1
+    )
 
 
 def _is_encrypted(data: bytes) -> bool:
