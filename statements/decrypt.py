@@ -3,7 +3,8 @@
 gpg runs in the project's own GnuPG home (``[pgp] gnupg_home``) through
 :func:`statements.keys.pgp.open_gnupg`: loopback pinentry, batch mode, an agent that caches no
 passphrase, and nothing taken from ``$HOME``. gpg reads the ciphertext file itself and writes the
-plaintext straight into a temporary file beside the output, so no file is ever held in memory.
+plaintext to a pipe; this process hashes it and writes it into a temporary file beside the output
+as it comes (1 MiB at a time, never a whole file in memory), starting the disk writes as it goes.
 
 A decryption counts only when gpg's status lines prove it (observed with GnuPG 2.2.40):
 
@@ -28,7 +29,12 @@ Anything else is a :class:`DecryptFailed` for that one file, and no output file 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import hashlib
+import io
+import logging
 import os
 import subprocess
 import tempfile
@@ -37,11 +43,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+from statements.agentlanes import make_lane, remove_lane
 from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
-from statements.fsutil import fsync_dir
+from statements.fsutil import Writeback, fsync_dir
 from statements.keys.pgp import check_passphrase, open_gnupg, status_summary
+
+log = logging.getLogger(__name__)
 
 SignatureState = Literal["none", "good", "bad", "unverifiable"]
 FailureKind = Literal[
@@ -85,6 +94,8 @@ _PASSPHRASE_PLACES = (
 @dataclass(frozen=True)
 class Decrypted:
     output: Path  # the plaintext file: exists, fsynced
+    sha256: str  # of the plaintext, hashed as gpg wrote it
+    size: int  # of the plaintext
     integrity: str  # "mdc" or "aead"
     recipients: tuple[str, ...]  # key ids from ENC_TO lines
     signature: SignatureState
@@ -389,7 +400,11 @@ class Decryptor:
         passphrase: str | None,
         signer_fingerprints: tuple[str, ...] = (),
         gpg_binary: str = "gpg",
+        lanes: int = 1,
+        lane_folder: Path | None = None,
     ) -> None:
+        """``lanes`` > 1 (with a ``lane_folder``) lets that many decryptions run at once, each
+        with its own gpg-agent (see :mod:`statements.agentlanes`); :meth:`close` stops them."""
         if passphrase is not None:
             # python-gnupg would otherwise send an empty one as nothing, and gpg would read the
             # ciphertext's first line as the passphrase; a line break would end it early.
@@ -407,6 +422,14 @@ class Decryptor:
         self._passphrase = passphrase
         self._gpg: Any = None
         self._lock = threading.Lock()
+        # Handles not in use, each with its lane folder (None: the home itself); lanes are
+        # made on demand, when every handle is busy, up to ``lanes`` in all.
+        self._idle: list[tuple[Any, Path | None]] = []
+        self._idle_ready = threading.Condition(self._lock)
+        self._lanes_left = max(0, lanes - 1) if lane_folder is not None else 0
+        self._lane_folder = lane_folder.absolute() if lane_folder is not None else None
+        self._lanes: list[Path] = []
+        self._lanes_started = 0
         # Our secret keys by primary fingerprint, as last listed: one gpg call per run, not per
         # file. Listed again when a file names a key not in it.
         self._listing: dict[str, dict[str, Any]] | None = None
@@ -438,17 +461,82 @@ class Decryptor:
         return tuple(key.fingerprint for key in self._held_keys())
 
     def decrypt(self, source: Path, output: Path) -> Decrypted:
-        """Decrypt ``source`` into ``output`` (replaced atomically); raises DecryptFailed."""
-        gpg = self._open()
+        """Decrypt ``source`` into ``output`` (replaced atomically); raises DecryptFailed.
+
+        Safe to call from several threads: each call takes a free gpg handle (a lane).
+        """
+        self._open()
         try:
             source.open("rb").close()  # gpg reads it; a clear error here if it cannot
         except OSError as exc:
             raise DecryptFailed(
                 "gpg_error", f"Cannot read {source}: {exc.strerror}.", "Check the inbox folder."
             ) from None
+        gpg, lane = self._take()
         try:
-            # mkstemp makes the file 0600; gpg's --output --yes writes into this very file
-            # (the same inode), so the plaintext is never readable by others.
+            return self._decrypt_with(gpg, source, output)
+        except DecryptFailed as exc:
+            if lane is None:
+                raise
+            # A lane's refusal is checked by the home itself: a lane must never cost a file
+            # that the home would have decrypted (say, its agent died under it).
+            log.info("retrying %s in the GnuPG home itself: %s", source.name, exc.message)
+        finally:
+            self._give_back(gpg, lane)
+        gpg, lane = self._take(home_only=True)
+        try:
+            return self._decrypt_with(gpg, source, output)
+        finally:
+            self._give_back(gpg, lane)
+
+    def close(self) -> None:
+        """Stop the lanes' gpg-agents and delete the lanes; the decryptor stays usable."""
+        with self._lock:
+            lanes, self._lanes = self._lanes, []
+            self._idle = [(gpg, lane) for gpg, lane in self._idle if lane is None]
+        for lane in lanes:
+            remove_lane(lane, self.gpg_binary)
+
+    def __enter__(self) -> Decryptor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take(self, *, home_only: bool = False) -> tuple[Any, Path | None]:
+        with self._idle_ready:
+            while True:
+                for index, (_, idle_lane) in enumerate(self._idle):
+                    if idle_lane is None or not home_only:
+                        return self._idle.pop(index)
+                if not home_only and self._lanes_left > 0 and self._lane_folder is not None:
+                    self._lanes_left -= 1
+                    self._lanes_started += 1
+                    lane = self._lane_folder / str(self._lanes_started)
+                    break
+                self._idle_ready.wait()
+        made = make_lane(self.home, lane, self.gpg_binary, set(self._listed_keys()))
+        with self._idle_ready:
+            if made is None:
+                self._lanes_left = 0  # one failed: the others would fail alike
+            else:
+                self._lanes.append(lane)
+                return made, lane
+        return self._take()
+
+    def _give_back(self, gpg: Any, lane: Path | None) -> None:
+        with self._idle_ready:
+            self._idle.append((gpg, lane))
+            self._idle_ready.notify()
+
+    def _listed_keys(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            cached = self._listing
+        return cached if cached is not None else self._list_secret_keys()
+
+    def _decrypt_with(self, gpg: Any, source: Path, output: Path) -> Decrypted:
+        try:
+            # mkstemp makes the file 0600: the plaintext is never readable by others.
             fd, tmp_name = tempfile.mkstemp(
                 dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"
             )
@@ -460,25 +548,26 @@ class Decryptor:
                 f"Cannot write the plaintext of {source.name} in {output.parent}: {exc.strerror}.",
                 "Check that the folder exists, is writable and the disk is not full.",
             ) from None
-        os.close(fd)
         tmp = Path(tmp_name)
         try:
-            return self._decrypt(gpg, source, tmp, output)
+            with os.fdopen(fd, "wb", buffering=0) as sink:
+                return self._decrypt(gpg, source, sink, tmp, output)
         finally:
             # Only a successful decryption renamed it; every failure leaves nothing behind.
             tmp.unlink(missing_ok=True)
 
-    def _decrypt(self, gpg: Any, source: Path, tmp: Path, output: Path) -> Decrypted:
-        # gpg reads the ciphertext file itself and writes the plaintext into ``tmp``: no byte of
-        # either passes through this process (python-gnupg's _handle_io would copy the whole
-        # ciphertext through a pipe with two threads, about as slow as gpg's own decryption).
-        # Only the passphrase goes to stdin. The path is absolute and after "--", so a name
-        # that starts with "-" is never read as an option.
+    def _decrypt(
+        self, gpg: Any, source: Path, sink: io.FileIO, tmp: Path, output: Path
+    ) -> Decrypted:
+        # gpg reads the ciphertext file itself and writes the plaintext to a pipe that this
+        # process hashes and writes into ``tmp`` as it comes, on the other core (python-gnupg's
+        # _handle_io would also copy the ciphertext through a pipe, about as slow as gpg's own
+        # decryption). Only the passphrase goes to stdin. The path is absolute and after "--",
+        # so a name that starts with "-" is never read as an option.
         args = [
             "--decrypt",
             "--output",
-            str(tmp),
-            "--yes",
+            "-",
             "--trust-model",
             "always",  # a signature is judged against signer_fingerprints, not the web of trust
             "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
@@ -487,48 +576,40 @@ class Decryptor:
         ]
         command = gpg.make_args(args, self._passphrase is not None)
         secret = b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
-        crash: str | None = None
-        stderr = ""
-        returncode: int | None = None
         try:
-            done = subprocess.run(
-                command,
-                input=secret,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=gpg.env,
-                check=False,
-            )
-        except (OSError, ValueError) as exc:
-            crash = str(exc)
-        else:
-            stderr = done.stderr.decode("utf-8", "replace")
-            returncode = done.returncode
+            run = _run_gpg(command, gpg.env, secret, sink)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                # gpg decrypts fine; the disk is full, not the file broken. Nothing is
+                # quarantined: the run stops and the file waits in the inbox.
+                raise DiskFull.at(output.parent) from None
+            raise DecryptFailed(
+                "no_output",
+                f"Cannot write the plaintext of {source.name} in {output.parent}: "
+                f"{exc.strerror or exc}.",
+                "Check free disk space and the permissions of the archive folder.",
+            ) from None
+        crash, stderr, returncode = run.crash, run.stderr, run.returncode
         lines = self._status_lines(stderr)
         st = parse_status(lines)
-        try:
-            size: int | None = tmp.stat().st_size
-        except OSError:
-            size = None
+        size = run.written if crash is None else None
         kind = failure_kind(
             st, returncode, passphrase_given=self._passphrase is not None, output_size=size
         )
         if kind is None and crash is not None:
             kind = "gpg_error"
-        if kind is not None and "No space left on device" in stderr:
-            # gpg reports DECRYPTION_OKAY and then fails to write: the disk is full, not the file
-            # broken. Nothing is quarantined; the run stops and the file waits in the inbox.
-            raise DiskFull.at(output.parent)
         if kind is not None:
             raise self._failure(kind, source, st, stderr, lines, crash, size)
         self._check_key(source, st, lines)
         signature, signer = st.signature()
         self._check_signature(source, st, lines)
-        _fsync_file(tmp)
+        os.fsync(sink.fileno())
         tmp.replace(output)
         fsync_dir(output.parent)
         return Decrypted(
             output=output,
+            sha256=run.sha256,
+            size=run.written,
             integrity=st.integrity() or "",
             recipients=tuple(dict.fromkeys(st.recipients)),
             signature=signature,
@@ -692,6 +773,7 @@ class Decryptor:
         with self._lock:
             if self._gpg is None:
                 self._gpg = open_gnupg(self.home, self.gpg_binary)
+                self._idle.append((self._gpg, None))
             return self._gpg
 
     def _held_keys(self) -> list[_HeldKey]:
@@ -744,9 +826,78 @@ def _fingerprints_of(record: Mapping[str, Any] | None) -> set[str]:
     }
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+@dataclass(frozen=True)
+class _GpgRun:
+    returncode: int | None  # None when gpg could not be started
+    stderr: str  # its status lines and messages
+    crash: str | None  # why gpg could not be started
+    written: int  # plaintext bytes written to the sink
+    sha256: str  # of those bytes
+
+
+_PIPE_BYTES = 1 << 20  # a pipe that holds what gpg writes while this process hashes
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+
+
+def _run_gpg(
+    command: Sequence[str], env: Mapping[str, str], secret: bytes, sink: io.FileIO
+) -> _GpgRun:
+    """Run gpg with its stdout into ``sink``, hashed on the way; raise OSError on a write error.
+
+    gpg is killed and reaped before an error leaves, so no gpg outlives a failed write.
+    """
+    digest = hashlib.sha256()
+    read_end, write_end = os.pipe()
+    if _F_SETPIPE_SZ is not None:
+        with contextlib.suppress(OSError):  # fewer, larger reads; best effort
+            fcntl.fcntl(read_end, _F_SETPIPE_SZ, _PIPE_BYTES)
     try:
-        os.fsync(fd)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+        )
+    except (OSError, ValueError) as exc:
+        os.close(read_end)
+        return _GpgRun(None, "", str(exc), 0, digest.hexdigest())
     finally:
-        os.close(fd)
+        os.close(write_end)  # gpg holds its own copy: EOF comes when gpg closes it
+    assert process.stdin is not None and process.stderr is not None
+    errors: list[bytes] = []
+    # Status lines are read on their own thread: a gpg blocked writing them must never stall
+    # the plaintext pipe, nor the other way round.
+    reader = threading.Thread(
+        target=_read_all, args=(process.stderr, errors), name="gpg-stderr", daemon=True
+    )
+    reader.start()
+    written = 0
+    try:
+        with contextlib.suppress(BrokenPipeError):  # gpg may refuse before reading it
+            process.stdin.write(secret)
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
+        writeback = Writeback(sink.fileno())
+        buffer = bytearray(_PIPE_BYTES)
+        view = memoryview(buffer)
+        while count := os.readv(read_end, [buffer]):
+            chunk = view[:count]
+            digest.update(chunk)  # hashlib releases the GIL: this overlaps gpg's work
+            while chunk:
+                chunk = chunk[sink.write(chunk) or 0 :]
+            written += count
+            writeback.written(written)
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        os.close(read_end)
+        process.wait()
+        reader.join()
+    stderr = b"".join(errors).decode("utf-8", "replace")
+    return _GpgRun(process.returncode, stderr, None, written, digest.hexdigest())
+
+
+def _read_all(stream: IO[bytes], into: list[bytes]) -> None:
+    into.append(stream.read())

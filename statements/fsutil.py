@@ -7,8 +7,11 @@ with ``umask 000`` still gets 0600 keys in a 0700 folder.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -25,6 +28,48 @@ def ensure_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     path.chmod(PRIVATE_DIR)
     return path
+
+
+class Writeback:
+    """Starts the disk write of a growing file as it grows, so its final fsync is short.
+
+    Without it a big plaintext sits dirty in the page cache until ``fsync``, which then writes
+    it all at once (0.55 s of a 2.4 s gpg decryption of 1 GiB here). Linux's
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` queues the written range for writeback without
+    waiting; it promises no durability, so the caller still fsyncs at the end. Elsewhere (or if
+    the call is missing) this does nothing and the fsync does all the work, as before.
+    """
+
+    STEP = 8 << 20  # bytes written between two writeback requests
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.started = 0  # bytes whose writeback was requested
+
+    def written(self, total: int) -> None:
+        """``total`` bytes of the file are written: queue what is new once a step is reached."""
+        if total - self.started < self.STEP or _sync_file_range is None:
+            return
+        # Best effort: an error here (say EIO) is the final fsync's to report, not ours.
+        _sync_file_range(self.fd, self.started, total - self.started, _SYNC_FILE_RANGE_WRITE)
+        self.started = total
+
+
+def _load_sync_file_range() -> ctypes._NamedFuncPointer | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = _load_sync_file_range()
 
 
 def fsync_dir(path: Path) -> None:

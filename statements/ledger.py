@@ -20,6 +20,7 @@ from statements.errors import ConfigError, DiskFull
 from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE
 
 LEDGER_NAME = "index.sqlite3"
+_LOOKUP_BATCH = 500  # names per IN (...) query: well under SQLite's variable limit
 
 # Each migration runs once, in order, in its own transaction; never edit one that has shipped.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -364,6 +365,24 @@ class Ledger:
             tuple(states),
         )
         return [FetchedRow(*row) for row in rows]
+
+    def fetched_rows_named(
+        self, inbox_names: Iterable[str], states: Sequence[str]
+    ) -> list[FetchedRow]:
+        """The rows of these inbox names in these states: one indexed lookup per name."""
+        names = list(inbox_names)
+        marks = ",".join("?" * len(states))
+        found: list[FetchedRow] = []
+        for start in range(0, len(names), _LOOKUP_BATCH):
+            batch = names[start : start + _LOOKUP_BATCH]
+            rows = self._db.execute(
+                "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "  # noqa: S608
+                f"FROM fetched WHERE inbox_name IN ({','.join('?' * len(batch))}) "
+                f"AND state IN ({marks}) ORDER BY id",  # the f-strings add only '?'s
+                (*batch, *states),
+            )
+            found.extend(FetchedRow(*row) for row in rows)
+        return sorted(found, key=lambda row: row.id)
 
     def newest_fetched_at(self) -> str | None:
         """When the newest file was fetched (ISO 8601, UTC), or None if nothing ever was."""

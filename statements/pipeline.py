@@ -17,7 +17,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -578,6 +578,8 @@ def fetch_from_config(
 ENCRYPTED = ".encrypted"
 QUARANTINE = ".quarantine"
 WORK = ".work"
+GPG_LANES = "gpg-lanes"  # extra gpg-agent homes while a run decrypts (statements.agentlanes)
+MAX_ARCHIVE_WORKERS = 4
 
 
 class DecryptResult(Protocol):
@@ -586,6 +588,9 @@ class DecryptResult(Protocol):
 
     @property
     def signer_fingerprint(self) -> str | None: ...
+
+    @property
+    def sha256(self) -> str: ...  # of the plaintext written
 
 
 class Decrypting(Protocol):
@@ -602,6 +607,13 @@ class ArchiveSummary:
     failures: list[FileFailure] = field(default_factory=list)
     archived_ids: list[int] = field(default_factory=list)
 
+    def add(self, other: ArchiveSummary) -> None:
+        self.archived_files += other.archived_files
+        self.processed += other.processed
+        self.already += other.already
+        self.failures.extend(other.failures)
+        self.archived_ids.extend(other.archived_ids)
+
 
 def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
@@ -611,10 +623,11 @@ def _private_dir(path: Path) -> Path:
 def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) -> None:
     """Finish what a killed run left half done: ciphertexts of archived files, work folders."""
     inbox = root / INBOX
-    for row in ledger.fetched_rows(("archived",)):
-        leftover = inbox / row.inbox_name
-        if leftover.exists():
-            _retire_ciphertext(leftover, root, keep_encrypted=keep_encrypted)
+    # Only a file still in the inbox can be half done: look up those few names, not every
+    # file ever archived (the history grows by thousands of rows a year).
+    waiting = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
+    for row in ledger.fetched_rows_named(waiting, ("archived",)):
+        _retire_ciphertext(inbox / row.inbox_name, root, keep_encrypted=keep_encrypted)
     work = root / WORK
     if work.exists():
         shutil.rmtree(work)
@@ -639,6 +652,7 @@ class ArchiveJob:
     limits: UnpackLimits
     keep_encrypted: bool
     run_id: int | None
+    workers: int = 1  # files archived at once (the decryptor must be thread-safe for > 1)
 
 
 def archive_inbox(
@@ -647,13 +661,71 @@ def archive_inbox(
     *,
     only: Callable[[FetchedRow], bool] | None = None,
     summary: ArchiveSummary | None = None,
+    stop: threading.Event | None = None,
 ) -> ArchiveSummary:
-    """Decrypt, unpack and file every fetched file waiting in the inbox; quarantine failures."""
+    """Decrypt, unpack and file every fetched file waiting in the inbox; quarantine failures.
+
+    A stop request lets the files being archived finish and starts no other.
+    """
     summary = summary if summary is not None else ArchiveSummary()
-    for row in ledger.fetched_rows(("fetched",)):
-        if only is None or only(row):
+    stop = stop or threading.Event()
+    rows = [row for row in ledger.fetched_rows(("fetched",)) if only is None or only(row)]
+    workers = min(job.workers, len(rows))
+    if workers <= 1:
+        for row in rows:
+            if stop.is_set():
+                break
             archive_one(row, ledger, job, summary)
+    else:
+        _archive_in_parallel(rows, job, summary, stop, workers)
     return summary
+
+
+def _archive_in_parallel(
+    rows: list[FetchedRow],
+    job: ArchiveJob,
+    summary: ArchiveSummary,
+    stop: threading.Event,
+    workers: int,
+) -> None:
+    """``archive_one`` on ``workers`` threads, each with its own ledger connection.
+
+    Files are independent (each has its own work folder, inbox name and archive paths; place()
+    settles two versions of one name landing at once), so the only shared things are the
+    summary, merged under a lock, and the first run-level error, which stops the others.
+    """
+    todo: queue.SimpleQueue[FetchedRow] = queue.SimpleQueue()
+    for row in rows:
+        todo.put(row)
+    merge = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with Ledger.open(job.root) as ledger:
+                while not errors and not stop.is_set():
+                    try:
+                        row = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    mine = ArchiveSummary()
+                    try:
+                        archive_one(row, ledger, job, mine)
+                    finally:
+                        with merge:
+                            summary.add(mine)
+        except BaseException as exc:  # handed to the calling thread, never lost with this one
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=work, name=f"archive-{i}", daemon=True) for i in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: ArchiveSummary) -> None:
@@ -674,7 +746,8 @@ def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: Archi
         produced = unpack(plaintext, plain_name, work / "members", job.limits)
         bundle = parse_report_name(plain_name)
         fetched_on = date.fromisoformat(ledger.fetched_at(row.id)[:10])
-        files = [_file_one(item, root, bundle, fetched_on) for item in produced]
+        known = {plaintext: decrypted.sha256}  # hashed as gpg wrote it: not read again
+        files = [_file_one(item, root, bundle, fetched_on, known) for item in produced]
         ledger.complete(
             row.id,
             files,
@@ -719,9 +792,13 @@ def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: Archi
 
 
 def _file_one(
-    item: Produced, root: Path, bundle: ReportName | None, fetched_on: date
+    item: Produced,
+    root: Path,
+    bundle: ReportName | None,
+    fetched_on: date,
+    known: Mapping[Path, str],
 ) -> ArchivedFile:
-    digest = sha256_file(item.path)
+    digest = known.get(item.path) or sha256_file(item.path)
     size = item.path.stat().st_size
     relative = destination(item, bundle=bundle, fetched_on=fetched_on)
     placement = place(item.path, root, relative, digest)
@@ -793,7 +870,13 @@ def requeue_quarantined(ledger: Ledger, root: Path) -> int:
 # --- decrypt and run, wired to the real collaborators ------------------------------------------
 
 
-def make_decryptor(cfg: Config) -> Decryptor:
+def archive_workers() -> int:
+    """Files decrypted at once: one per core (each with its own gpg-agent), at most four."""
+    return max(1, min(os.cpu_count() or 1, MAX_ARCHIVE_WORKERS))
+
+
+def make_decryptor(cfg: Config, *, workers: int = 1) -> Decryptor:
+    """The run's decryptor; ``workers`` > 1 lets it decrypt that many files at once (close it)."""
     home = cfg.pgp.gnupg_home
     if not home.is_dir():
         # Opening a GnuPG home creates it: a mistyped path must be reported, not made.
@@ -809,6 +892,8 @@ def make_decryptor(cfg: Config) -> Decryptor:
         passphrase=read_passphrase(source),
         signer_fingerprints=cfg.pgp.signer_fingerprints,
         gpg_binary=cfg.pgp.gpg_binary,
+        lanes=workers,
+        lane_folder=cfg.archive.root / WORK / GPG_LANES,
     )
     decryptor.preflight()
     return decryptor
@@ -816,9 +901,10 @@ def make_decryptor(cfg: Config) -> Decryptor:
 
 def decrypt_from_config(cfg: Config, *, retry_quarantine: bool = False) -> ArchiveSummary:
     """`ibkr-statements decrypt`: everything waiting in the inbox, recorded as a run."""
-    decryptor = make_decryptor(cfg)
+    workers = archive_workers()
+    decryptor = make_decryptor(cfg, workers=workers)
     root = cfg.archive.root
-    with Ledger.open(root) as ledger:
+    with decryptor, Ledger.open(root) as ledger:
         run_id = ledger.start_run("decrypt")
         repair_archive_state(ledger, root, keep_encrypted=cfg.archive.keep_encrypted)
         if retry_quarantine:
@@ -831,6 +917,7 @@ def decrypt_from_config(cfg: Config, *, retry_quarantine: bool = False) -> Archi
             UnpackLimits.from_config(cfg.archive),
             cfg.archive.keep_encrypted,
             run_id,
+            workers,
         )
         try:
             summary = archive_inbox(ledger, job)
@@ -900,12 +987,14 @@ def run_from_config(
     Decryption runs on its own thread with its own ledger connection while the fetch goes on,
     so a night costs about the longer of the two, not their sum.
     """
-    decryptor = make_decryptor(cfg)  # a key problem stops the run before any network traffic
+    workers = archive_workers()
+    # A key problem stops the run before any network traffic.
+    decryptor = make_decryptor(cfg, workers=workers)
     settings = SftpSettings.from_config(cfg)
     store = SftpStore(settings, load_login_key(cfg))
     server = ServerId(settings.host, settings.port, settings.username)
     root = cfg.archive.root
-    with Ledger.open(root) as ledger:
+    with decryptor, Ledger.open(root) as ledger:
         run_id = ledger.start_run("run")
         repair_archive_state(ledger, root, keep_encrypted=cfg.archive.keep_encrypted)
         job = ArchiveJob(
@@ -914,6 +1003,7 @@ def run_from_config(
             UnpackLimits.from_config(cfg.archive),
             cfg.archive.keep_encrypted,
             run_id,
+            workers,
         )
         landed = threading.Event()
         stop = stop or threading.Event()
@@ -978,8 +1068,9 @@ class _Archiver(threading.Thread):
                     archive_inbox(
                         ledger,
                         self.job,
-                        only=lambda row: not self.stop.is_set() and _first_try(row, tried),
+                        only=lambda row: _first_try(row, tried),
                         summary=self.summary,
+                        stop=self.stop,
                     )
                     if self.stop.is_set() or (over and len(tried) == before):
                         return

@@ -9,13 +9,16 @@ import IBKR's signing key; the stranger's is not.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import resource
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +229,8 @@ def test_round_trip(
     assert isinstance(result, Decrypted)
     assert result.output == out_dir / "plain.xml"
     assert sha256(result.output) == sha256(world.plain)
+    # The digest the archive records is of the bytes on disk, hashed as gpg wrote them.
+    assert (result.sha256, result.size) == (sha256(world.plain), world.plain.stat().st_size)
     assert stat.S_IMODE(result.output.stat().st_mode) == 0o600  # a statement is private
     assert list(out_dir.iterdir()) == [result.output]  # no temporary file left
     assert result.integrity == "mdc"
@@ -310,7 +315,7 @@ def test_large_file_streams_with_bounded_memory(
     result = dec.decrypt(source, out_dir / "big.csv")
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
-    assert sha256(result.output) == digest.hexdigest()
+    assert sha256(result.output) == digest.hexdigest() == result.sha256
     assert grown_mib < 30, f"peak RSS grew by {grown_mib:.0f} MiB for a 50 MiB file"
 
 
@@ -796,3 +801,112 @@ def test_rules_signatures() -> None:
         "[GNUPG:] FAILURE gpg-exit 33554433",
     ]
     assert kind_of(aborted, rc=1) == "bad_signature"
+
+
+# --- lanes: several files at once, each lane with its own gpg-agent ------------------------
+
+
+def agents_serving(folder: Path, *, wait_gone_s: float = 0.0) -> list[str]:
+    """Command lines of running gpg-agents whose home is inside ``folder``.
+
+    With ``wait_gone_s``, look again until there are none or the time is up: an agent told to
+    stop by gpgconf exits a moment later.
+    """
+    deadline = time.monotonic() + wait_gone_s
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            line = " ".join(a.decode(errors="replace") for a in argv)
+            if "gpg-agent" in line and str(folder) in line:
+                found.append(line)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
+@integration
+def test_lanes_decrypt_at_once_share_the_keys_and_leave_nothing(
+    world: World, tmp_path: Path, out_dir: Path
+) -> None:
+    lanes = tmp_path / "lanes"
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(9)]
+    dec = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=3, lane_folder=lanes)
+    dec.preflight()
+    start = threading.Barrier(3)
+
+    def one(source: Path) -> Decrypted:
+        if source.name in {"f0.xml.pgp", "f1.xml.pgp", "f2.xml.pgp"}:
+            start.wait(timeout=30)  # three at once: the home is busy, so lanes are made
+        return dec.decrypt(source, out_dir / source.name.removesuffix(".pgp"))
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, sources))
+
+    assert [sha256(r.output) for r in results] == [sha256(world.plain)] * 9
+    made = sorted(p.name for p in lanes.iterdir())
+    assert made and len(made) <= 2, made  # the home plus at most two lanes
+    for name in made:
+        lane = lanes / name
+        assert stat.S_IMODE(lane.stat().st_mode) == 0o700
+        # The secret keys exist once: the lane points at the home's, it holds no copy.
+        keys = lane / "private-keys-v1.d"
+        assert keys.is_symlink() and keys.resolve() == (world.ours / "private-keys-v1.d").resolve()
+    assert agents_serving(lanes), "each lane has an agent of its own"
+
+    dec.close()
+    assert not any(lanes.iterdir())
+    assert agents_serving(lanes, wait_gone_s=10) == []
+    assert (world.ours / "private-keys-v1.d").is_dir() and any(
+        (world.ours / "private-keys-v1.d").iterdir()
+    ), "closing a lane must never touch the home's keys"
+    # Still usable after close, on the home alone.
+    assert sha256(dec.decrypt(sources[0], out_dir / "again.xml").output) == sha256(world.plain)
+
+
+@integration
+def test_a_file_a_lane_refuses_is_decided_by_the_home(
+    world: World, tmp_path: Path, out_dir: Path
+) -> None:
+    lanes = tmp_path / "lanes"
+    first, second = (encrypt(world, tmp_path / f"{n}.xml.pgp") for n in ("a", "b"))
+    with Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2, lane_folder=lanes) as dec:
+        dec.preflight()
+        # Keep the home busy, so the first file is decrypted in a new lane.
+        home = dec._take(home_only=True)
+        dec.decrypt(first, out_dir / "a.xml")
+        (lane,) = lanes.iterdir()
+        # Break the lane as a dying agent or a vanished key folder would.
+        (lane / "private-keys-v1.d").unlink()
+        stop_agent(lane)
+        dec._give_back(*home)
+
+        result = dec.decrypt(second, out_dir / "b.xml")  # tried in the lane first, then home
+
+    assert sha256(result.output) == sha256(world.plain)
+    assert not lanes.exists() or not any(lanes.iterdir())
+
+
+@integration
+def test_without_a_usable_lane_folder_files_still_decrypt(
+    world: World, tmp_path: Path, out_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the lanes would go")
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(4)]
+    caplog.set_level(logging.INFO, logger="statements")
+    dec = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=4, lane_folder=blocked / "x")
+    start = threading.Barrier(4)
+
+    def one(source: Path) -> Path:
+        start.wait(timeout=30)  # all at once: the home is busy, so a lane is asked for
+        return dec.decrypt(source, out_dir / source.stem).output
+
+    with dec, ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(one, sources))
+    assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 4
+    assert "without an extra gpg-agent" in caplog.text
+    assert blocked.read_text() == "a file where the lanes would go"

@@ -180,6 +180,7 @@ class FakeDecryptor:
 
     @dataclass(frozen=True)
     class Result:
+        sha256: str
         signature: str = "none"
         signer_fingerprint: str | None = None
 
@@ -189,7 +190,7 @@ class FakeDecryptor:
                 "not encrypted to a key we hold", "import it", exit_code=ExitCode.PARTIAL
             )
         shutil.copyfile(source, output)
-        return FakeDecryptor.Result()
+        return FakeDecryptor.Result(hashlib.sha256(output.read_bytes()).hexdigest())
 
 
 def archived(root: Path) -> dict[str, bytes]:
@@ -273,3 +274,65 @@ def test_keep_encrypted_off_deletes_the_ciphertext_only_after_archiving(
         archive_inbox(ledger, ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, keep, None))
     assert (tmp_path / ".encrypted" / "x.pgp").exists() is keep
     assert len(archived(tmp_path)) == 1
+
+
+def test_archiving_on_several_threads_files_each_once(tmp_path: Path) -> None:
+    files = {
+        f"U{1000000 + i}.Trade_History.20260901.20260901.xml.pgp": f"<t{i}/>".encode()
+        for i in range(40)
+    }
+    files["broken.pgp"] = b"BAD bytes"
+    # Two versions of one report, landing in the same run: one is v2, neither is lost.
+    files["same.xml.pgp"] = b"first"
+    fetched_ledger(tmp_path, files)
+    server = FakeServer({"same.xml.pgp": (b"second", 2)})
+    with Ledger.open(tmp_path) as ledger:
+        fetch(server, tmp_path, ledger)
+        job = ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None, workers=4)
+        summary = archive_inbox(ledger, job)
+        assert ledger.fetched_rows(("fetched",)) == []
+    assert summary.processed == 42 and [f.name for f in summary.failures] == ["broken.pgp"]
+    assert sorted(summary.archived_ids) == sorted(set(summary.archived_ids))
+    tree = archived(tmp_path)
+    for name, data in files.items():
+        if name.startswith("U"):
+            account = name.split(".")[0]
+            assert tree[f"{account}/2026/{name.removesuffix('.pgp')}"] == data
+    unsorted = sorted(v for k, v in tree.items() if k.startswith("_unsorted/"))
+    assert unsorted == [b"first", b"second"]
+    assert len(tree) == 42
+
+
+def test_a_stop_lets_parallel_archiving_finish_its_files_and_start_no_other(
+    tmp_path: Path,
+) -> None:
+    fetched_ledger(tmp_path, {f"f{i}.pgp": b"x" * i for i in range(30)})
+    stop = threading.Event()
+
+    class StoppingDecryptor(FakeDecryptor):
+        def decrypt(self, source: Path, output: Path) -> FakeDecryptor.Result:
+            stop.set()  # as SIGTERM would, during the first files
+            return super().decrypt(source, output)
+
+    with Ledger.open(tmp_path) as ledger:
+        job = ArchiveJob(tmp_path, StoppingDecryptor(), LIMITS, True, None, workers=3)
+        summary = archive_inbox(ledger, job, stop=stop)
+        waiting = ledger.fetched_rows(("fetched",))
+    assert 1 <= summary.processed <= 3 and summary.failures == []
+    assert len(waiting) == 30 - summary.processed  # the rest waits for the next run, untouched
+    assert {row.inbox_name for row in waiting} == {p.name for p in (tmp_path / ".inbox").iterdir()}
+    assert not (tmp_path / ".work").exists() or not any((tmp_path / ".work").iterdir())
+
+
+def test_repair_looks_only_at_what_waits_in_the_inbox(tmp_path: Path) -> None:
+    fetched_ledger(tmp_path, {f"old{i}.pgp": b"old" for i in range(600)})
+    with Ledger.open(tmp_path) as ledger:
+        archive_inbox(ledger, ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None))
+    fetched_ledger(tmp_path, {"new.pgp": b"new"})
+    inbox = tmp_path / ".inbox"
+    (tmp_path / ".encrypted" / "old7.pgp").replace(inbox / "old7.pgp")  # a killed run's leftover
+    (inbox / "next.pgp.part").write_bytes(b"half")
+    with Ledger.open(tmp_path) as ledger:
+        repair_archive_state(ledger, tmp_path, keep_encrypted=True)
+    assert sorted(p.name for p in inbox.iterdir()) == ["new.pgp", "next.pgp.part"]
+    assert (tmp_path / ".encrypted" / "old7.pgp").read_bytes() == b"old"
