@@ -53,7 +53,8 @@ def _frame(text: str) -> str:
 
 def _thread(process: str, thread: str) -> str:
     """ "ibkr-statements run / archiver" from py-spy's process and thread labels."""
-    command = process.split(":", 1)[-1].strip('"').split()
+    # py-spy labels a process whose command line it could not read (it had exited) with "".
+    command = process.split(":", 1)[-1].strip('"').split() or ["?"]
     program = next((Path(w).name for w in command if "ibkr-statements" in w), Path(command[0]).name)
     name = thread.split(":", 1)[-1].strip() if ":" in thread else thread
     return f"{program} {command[-1]} / {re.sub(r'-[0-9]+', '', name)}"

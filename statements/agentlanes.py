@@ -13,14 +13,17 @@ a *lane* is a second home folder that shows gpg the same keys:
   from the real home;
 - ``gpg-agent.conf`` gets the project's settings (no passphrase cache) from ``open_gnupg``.
 
-Lanes live in a folder the caller names (the archive's work folder, deleted by every run at
-start) and are removed, their agents stopped, by :meth:`Lanes.close`. After a crash the folder
-is deleted by the next run, and an agent whose socket is gone exits by itself.
+Lanes live in a private (0700) temporary folder, not in the project: gpg-agent puts its sockets
+in the home folder when ``/run/user/<uid>`` is missing (root in a container, a cron job), and a
+socket path is limited to 107 bytes, which a project folder a few levels deep already exceeds.
+:meth:`statements.decrypt.Decryptor.close` stops the lanes' agents and deletes them; after a
+crash an agent whose socket is gone, or answered by another agent, exits by itself.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SHARED = "private-keys-v1.d"
 COPIED = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "gpg.conf")
+_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 
 
 def make_lane(home: Path, lane: Path, gpg_binary: str, fingerprints: set[str]) -> Any | None:
@@ -41,6 +45,10 @@ def make_lane(home: Path, lane: Path, gpg_binary: str, fingerprints: set[str]) -
     Usable means gpg in the lane lists the same secret keys (``fingerprints``) as the home; a
     lane that cannot be made is logged and skipped, never an error: the home alone still works.
     """
+    socket = lane / "S.gpg-agent.browser"  # the longest name gpg-agent gives a socket
+    if len(os.fsencode(socket)) > _SOCKET_PATH_MAX:
+        log.info("decrypting without an extra gpg-agent: %s is too long for a socket", socket)
+        return None
     try:
         if lane.exists():
             stop_agent(lane, gpg_binary)

@@ -7,6 +7,7 @@ Everything a command does is a library function; this module only turns a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import signal
@@ -740,7 +741,25 @@ def demo(folder: Path | None) -> None:
 # --- entry point ---------------------------------------------------------------------------
 
 
+def _fewer_malloc_arenas() -> None:
+    """Cap glibc's malloc at two heaps ("arenas") instead of up to eight per core.
+
+    Each download and decrypt thread would otherwise get a heap of its own, where its 256 KiB
+    to 1 MiB buffers stay resident: 79 -> 70 MiB peak RSS in the nightly benchmark. The
+    threads mostly wait on I/O, so two heaps cost no measurable time. Must run before the
+    first thread starts; a no-op where glibc's mallopt is missing (macOS, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)
+
+
+_M_ARENA_MAX = -8  # glibc's <malloc.h>
+
+
 def main(argv: list[str] | None = None) -> None:
+    _fewer_malloc_arenas()
     try:
         cli.main(args=argv, prog_name="ibkr-statements", standalone_mode=False)
     except StatementsError as exc:

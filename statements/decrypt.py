@@ -36,6 +36,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -119,6 +120,7 @@ class DecryptFailed(StatementsError):
         super().__init__(message, hint)
         self.kind: FailureKind = kind
         self.status_lines = status_lines
+        self.in_lane = False  # gpg refused it in a lane (see Decryptor.decrypt), not the home
 
 
 @dataclass
@@ -426,8 +428,10 @@ class Decryptor:
         # made on demand, when every handle is busy, up to ``lanes`` in all.
         self._idle: list[tuple[Any, Path | None]] = []
         self._idle_ready = threading.Condition(self._lock)
-        self._lanes_left = max(0, lanes - 1) if lane_folder is not None else 0
+        self._lanes_left = max(0, lanes - 1)
+        # None: a private temporary folder, made with the first lane (see agentlanes).
         self._lane_folder = lane_folder.absolute() if lane_folder is not None else None
+        self._own_lane_folder: Path | None = None
         self._lanes: list[Path] = []
         self._lanes_started = 0
         # Our secret keys by primary fingerprint, as last listed: one gpg call per run, not per
@@ -472,30 +476,26 @@ class Decryptor:
             raise DecryptFailed(
                 "gpg_error", f"Cannot read {source}: {exc.strerror}.", "Check the inbox folder."
             ) from None
-        gpg, lane = self._take()
         try:
-            return self._decrypt_with(gpg, source, output)
+            return self._decrypt_with(source, output, home_only=False)
         except DecryptFailed as exc:
-            if lane is None:
+            if not exc.in_lane:
                 raise
             # A lane's refusal is checked by the home itself: a lane must never cost a file
             # that the home would have decrypted (say, its agent died under it).
             log.info("retrying %s in the GnuPG home itself: %s", source.name, exc.message)
-        finally:
-            self._give_back(gpg, lane)
-        gpg, lane = self._take(home_only=True)
-        try:
-            return self._decrypt_with(gpg, source, output)
-        finally:
-            self._give_back(gpg, lane)
+        return self._decrypt_with(source, output, home_only=True)
 
     def close(self) -> None:
         """Stop the lanes' gpg-agents and delete the lanes; the decryptor stays usable."""
         with self._lock:
             lanes, self._lanes = self._lanes, []
             self._idle = [(gpg, lane) for gpg, lane in self._idle if lane is None]
+            own, self._own_lane_folder = self._own_lane_folder, None
         for lane in lanes:
             remove_lane(lane, self.gpg_binary)
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
 
     def __enter__(self) -> Decryptor:
         return self
@@ -509,12 +509,19 @@ class Decryptor:
                 for index, (_, idle_lane) in enumerate(self._idle):
                     if idle_lane is None or not home_only:
                         return self._idle.pop(index)
-                if not home_only and self._lanes_left > 0 and self._lane_folder is not None:
+                if not home_only and self._lanes_left > 0:
                     self._lanes_left -= 1
                     self._lanes_started += 1
-                    lane = self._lane_folder / str(self._lanes_started)
+                    number = self._lanes_started
                     break
                 self._idle_ready.wait()
+        try:
+            lane = self._lanes_folder() / str(number)
+        except OSError as exc:
+            log.info("decrypting without an extra gpg-agent: no folder for it (%s)", exc)
+            with self._idle_ready:
+                self._lanes_left = 0
+            return self._take()
         made = make_lane(self.home, lane, self.gpg_binary, set(self._listed_keys()))
         with self._idle_ready:
             if made is None:
@@ -523,6 +530,14 @@ class Decryptor:
                 self._lanes.append(lane)
                 return made, lane
         return self._take()
+
+    def _lanes_folder(self) -> Path:
+        if self._lane_folder is not None:
+            return self._lane_folder
+        with self._lock:
+            if self._own_lane_folder is None:
+                self._own_lane_folder = Path(tempfile.mkdtemp(prefix="ibkr-statements-gpg-"))
+            return self._own_lane_folder
 
     def _give_back(self, gpg: Any, lane: Path | None) -> None:
         with self._idle_ready:
@@ -534,7 +549,7 @@ class Decryptor:
             cached = self._listing
         return cached if cached is not None else self._list_secret_keys()
 
-    def _decrypt_with(self, gpg: Any, source: Path, output: Path) -> Decrypted:
+    def _decrypt_with(self, source: Path, output: Path, *, home_only: bool) -> Decrypted:
         try:
             # mkstemp makes the file 0600: the plaintext is never readable by others.
             fd, tmp_name = tempfile.mkstemp(
@@ -551,13 +566,13 @@ class Decryptor:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb", buffering=0) as sink:
-                return self._decrypt(gpg, source, sink, tmp, output)
+                return self._decrypt(source, sink, tmp, output, home_only=home_only)
         finally:
             # Only a successful decryption renamed it; every failure leaves nothing behind.
             tmp.unlink(missing_ok=True)
 
     def _decrypt(
-        self, gpg: Any, source: Path, sink: io.FileIO, tmp: Path, output: Path
+        self, source: Path, sink: io.FileIO, tmp: Path, output: Path, *, home_only: bool
     ) -> Decrypted:
         # gpg reads the ciphertext file itself and writes the plaintext to a pipe that this
         # process hashes and writes into ``tmp`` as it comes, on the other core (python-gnupg's
@@ -574,9 +589,12 @@ class Decryptor:
             "--",
             str(source.absolute()),
         ]
-        command = gpg.make_args(args, self._passphrase is not None)
         secret = b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
+        # The lane is held only while gpg runs: the checks, fsync and rename below leave its
+        # agent free for the next file.
+        gpg, lane = self._take(home_only=home_only)
         try:
+            command = gpg.make_args(args, self._passphrase is not None)
             run = _run_gpg(command, gpg.env, secret, sink)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -589,6 +607,8 @@ class Decryptor:
                 f"{exc.strerror or exc}.",
                 "Check free disk space and the permissions of the archive folder.",
             ) from None
+        finally:
+            self._give_back(gpg, lane)
         crash, stderr, returncode = run.crash, run.stderr, run.returncode
         lines = self._status_lines(stderr)
         st = parse_status(lines)
@@ -599,7 +619,9 @@ class Decryptor:
         if kind is None and crash is not None:
             kind = "gpg_error"
         if kind is not None:
-            raise self._failure(kind, source, st, stderr, lines, crash, size)
+            failed = self._failure(kind, source, st, stderr, lines, crash, size)
+            failed.in_lane = lane is not None
+            raise failed
         self._check_key(source, st, lines)
         signature, signer = st.signature()
         self._check_signature(source, st, lines)

@@ -578,8 +578,7 @@ def fetch_from_config(
 ENCRYPTED = ".encrypted"
 QUARANTINE = ".quarantine"
 WORK = ".work"
-GPG_LANES = "gpg-lanes"  # extra gpg-agent homes while a run decrypts (statements.agentlanes)
-MAX_ARCHIVE_WORKERS = 4
+MAX_GPG_LANES = 4
 
 
 class DecryptResult(Protocol):
@@ -870,13 +869,19 @@ def requeue_quarantined(ledger: Ledger, root: Path) -> int:
 # --- decrypt and run, wired to the real collaborators ------------------------------------------
 
 
-def archive_workers() -> int:
+def gpg_lanes() -> int:
     """Files decrypted at once: one per core (each with its own gpg-agent), at most four."""
-    return max(1, min(os.cpu_count() or 1, MAX_ARCHIVE_WORKERS))
+    return max(1, min(os.cpu_count() or 1, MAX_GPG_LANES))
 
 
-def make_decryptor(cfg: Config, *, workers: int = 1) -> Decryptor:
-    """The run's decryptor; ``workers`` > 1 lets it decrypt that many files at once (close it)."""
+def archive_workers(lanes: int) -> int:
+    """Files archived at once: two per lane, so that one file's fsyncs, unpacking and ledger
+    commit overlap the next file's decryption and no agent waits for them."""
+    return 2 * lanes
+
+
+def make_decryptor(cfg: Config, *, lanes: int = 1) -> Decryptor:
+    """The run's decryptor; ``lanes`` > 1 lets it decrypt that many files at once (close it)."""
     home = cfg.pgp.gnupg_home
     if not home.is_dir():
         # Opening a GnuPG home creates it: a mistyped path must be reported, not made.
@@ -892,8 +897,7 @@ def make_decryptor(cfg: Config, *, workers: int = 1) -> Decryptor:
         passphrase=read_passphrase(source),
         signer_fingerprints=cfg.pgp.signer_fingerprints,
         gpg_binary=cfg.pgp.gpg_binary,
-        lanes=workers,
-        lane_folder=cfg.archive.root / WORK / GPG_LANES,
+        lanes=lanes,
     )
     decryptor.preflight()
     return decryptor
@@ -901,8 +905,8 @@ def make_decryptor(cfg: Config, *, workers: int = 1) -> Decryptor:
 
 def decrypt_from_config(cfg: Config, *, retry_quarantine: bool = False) -> ArchiveSummary:
     """`ibkr-statements decrypt`: everything waiting in the inbox, recorded as a run."""
-    workers = archive_workers()
-    decryptor = make_decryptor(cfg, workers=workers)
+    lanes = gpg_lanes()
+    decryptor = make_decryptor(cfg, lanes=lanes)
     root = cfg.archive.root
     with decryptor, Ledger.open(root) as ledger:
         run_id = ledger.start_run("decrypt")
@@ -917,7 +921,7 @@ def decrypt_from_config(cfg: Config, *, retry_quarantine: bool = False) -> Archi
             UnpackLimits.from_config(cfg.archive),
             cfg.archive.keep_encrypted,
             run_id,
-            workers,
+            archive_workers(lanes),
         )
         try:
             summary = archive_inbox(ledger, job)
@@ -987,9 +991,9 @@ def run_from_config(
     Decryption runs on its own thread with its own ledger connection while the fetch goes on,
     so a night costs about the longer of the two, not their sum.
     """
-    workers = archive_workers()
+    lanes = gpg_lanes()
     # A key problem stops the run before any network traffic.
-    decryptor = make_decryptor(cfg, workers=workers)
+    decryptor = make_decryptor(cfg, lanes=lanes)
     settings = SftpSettings.from_config(cfg)
     store = SftpStore(settings, load_login_key(cfg))
     server = ServerId(settings.host, settings.port, settings.username)
@@ -1003,7 +1007,7 @@ def run_from_config(
             UnpackLimits.from_config(cfg.archive),
             cfg.archive.keep_encrypted,
             run_id,
-            workers,
+            archive_workers(lanes),
         )
         landed = threading.Event()
         stop = stop or threading.Event()

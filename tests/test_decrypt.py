@@ -15,6 +15,7 @@ import resource
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -910,3 +911,54 @@ def test_without_a_usable_lane_folder_files_still_decrypt(
     assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 4
     assert "without an extra gpg-agent" in caplog.text
     assert blocked.read_text() == "a file where the lanes would go"
+
+
+@integration
+def test_lanes_default_to_a_private_temporary_folder_removed_at_close(
+    world: World, tmp_path: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(4)]
+    dec = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2)
+    dec.preflight()
+    start = threading.Barrier(2)
+    seen: list[list[Path]] = []
+
+    def one(source: Path) -> Path:
+        start.wait(timeout=30)
+        output = dec.decrypt(source, out_dir / source.stem).output
+        seen.append(sorted(temp.iterdir()))
+        return output
+
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(one, sources))
+    assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 4
+    (folder,) = seen[-1]
+    assert folder.name.startswith("ibkr-statements-gpg-")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    dec.close()
+    assert list(temp.iterdir()) == []
+    assert agents_serving(folder, wait_gone_s=10) == []
+
+
+@integration
+def test_a_lane_folder_too_deep_for_a_socket_is_not_used(
+    world: World, tmp_path: Path, out_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="statements")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(2)]
+    dec = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2, lane_folder=deep)
+    start = threading.Barrier(2)
+
+    def one(source: Path) -> Path:
+        start.wait(timeout=30)
+        return dec.decrypt(source, out_dir / source.stem).output
+
+    with dec, ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(one, sources))
+    assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 2
+    assert "too long for a socket" in caplog.text
+    assert not deep.exists()
