@@ -13,23 +13,29 @@ a *lane* is a second home folder that shows gpg the same keys:
   from the real home;
 - ``gpg-agent.conf`` gets the project's settings (no passphrase cache) from ``open_gnupg``.
 
-Lanes live in a private (0700) temporary folder, not in the project: gpg-agent puts its sockets
-in the home folder when ``/run/user/<uid>`` is missing (root in a container, a cron job), and a
-socket path is limited to 107 bytes, which a project folder a few levels deep already exceeds.
-:meth:`statements.decrypt.Decryptor.close` stops the lanes' agents and deletes them; after a
-crash an agent whose socket is gone, or answered by another agent, exits by itself.
+Lanes live in ``<temp>/ibkr-statements-gpg-<uid>/<hash of the home's path>/<n>``, not in the
+project: gpg-agent puts its sockets in the home folder when ``/run/user/<uid>`` is missing (root
+in a container, a cron job), and a socket path is limited to 107 bytes, which a project folder a
+few levels deep already exceeds. The folder is private (0700, ours, never a symlink: anything
+else there and lanes are not used) and its name is fixed per GnuPG home, so that each run first
+stops the agents and deletes the lanes a killed run left behind (and those of homes that no
+longer exist); :meth:`statements.decrypt.Decryptor.close` does the same for its own at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from statements.errors import StatementsError
-from statements.fsutil import PRIVATE_FILE, ensure_private_dir
+from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, ensure_private_dir
 from statements.keys.pgp import open_gnupg, stop_agent
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,56 @@ log = logging.getLogger(__name__)
 SHARED = "private-keys-v1.d"
 COPIED = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "gpg.conf")
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
+_OWNER_FILE = "home"  # in each home's lanes folder: the home's path, to tell whose it is
+
+
+def lanes_folder(home: Path, gpg_binary: str) -> Path | None:
+    """The (emptied) folder for ``home``'s lanes, or None if no safe one can be had."""
+    base = Path(tempfile.gettempdir()) / f"ibkr-statements-gpg-{os.getuid()}"
+    try:
+        with contextlib.suppress(FileExistsError):
+            base.mkdir(mode=PRIVATE_DIR)
+        found = os.lstat(base)
+    except OSError as exc:
+        log.info("decrypting without an extra gpg-agent: cannot make %s (%s)", base, exc)
+        return None
+    if (
+        not stat.S_ISDIR(found.st_mode)
+        or found.st_uid != os.getuid()
+        or stat.S_IMODE(found.st_mode) != PRIVATE_DIR
+    ):
+        # Someone else's, a symlink, or open to others: a place that is not private.
+        log.warning("decrypting without an extra gpg-agent: %s is not a private folder", base)
+        return None
+    mine = base / hashlib.sha256(os.fsencode(home.absolute())).hexdigest()[:12]
+    for folder in base.iterdir():
+        owner = _owner(folder)
+        if folder == mine or owner is None or not owner.is_dir():
+            clear_lanes(folder, gpg_binary)  # a killed run's, or a deleted home's
+    try:
+        ensure_private_dir(mine)
+        (mine / _OWNER_FILE).write_text(str(home.absolute()), "utf-8")
+    except OSError as exc:
+        log.info("decrypting without an extra gpg-agent: cannot use %s (%s)", mine, exc)
+        return None
+    return mine
+
+
+def clear_lanes(folder: Path, gpg_binary: str) -> None:
+    """Stop the agents of every lane in ``folder`` and delete it."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for lane in folder.iterdir():
+        if lane.is_dir() and not lane.is_symlink():
+            stop_agent(lane, gpg_binary)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner(folder: Path) -> Path | None:
+    try:
+        return Path((folder / _OWNER_FILE).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def make_lane(home: Path, lane: Path, gpg_binary: str, fingerprints: set[str]) -> Any | None:

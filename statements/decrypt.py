@@ -36,7 +36,6 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -46,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from statements.agentlanes import make_lane, remove_lane
+from statements.agentlanes import clear_lanes, lanes_folder, make_lane, remove_lane
 from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
 from statements.fsutil import Writeback, fsync_dir
 from statements.keys.pgp import check_passphrase, open_gnupg, status_summary
@@ -429,7 +428,7 @@ class Decryptor:
         self._idle: list[tuple[Any, Path | None]] = []
         self._idle_ready = threading.Condition(self._lock)
         self._lanes_left = max(0, lanes - 1)
-        # None: a private temporary folder, made with the first lane (see agentlanes).
+        # None: the home's folder under the temporary folder, set up with the first lane.
         self._lane_folder = lane_folder.absolute() if lane_folder is not None else None
         self._own_lane_folder: Path | None = None
         self._lanes: list[Path] = []
@@ -495,7 +494,7 @@ class Decryptor:
         for lane in lanes:
             remove_lane(lane, self.gpg_binary)
         if own is not None:
-            shutil.rmtree(own, ignore_errors=True)
+            clear_lanes(own, self.gpg_binary)
 
     def __enter__(self) -> Decryptor:
         return self
@@ -515,13 +514,12 @@ class Decryptor:
                     number = self._lanes_started
                     break
                 self._idle_ready.wait()
-        try:
-            lane = self._lanes_folder() / str(number)
-        except OSError as exc:
-            log.info("decrypting without an extra gpg-agent: no folder for it (%s)", exc)
+        folder = self._lanes_folder()
+        if folder is None:
             with self._idle_ready:
                 self._lanes_left = 0
             return self._take()
+        lane = folder / str(number)
         made = make_lane(self.home, lane, self.gpg_binary, set(self._listed_keys()))
         with self._idle_ready:
             if made is None:
@@ -531,12 +529,12 @@ class Decryptor:
                 return made, lane
         return self._take()
 
-    def _lanes_folder(self) -> Path:
+    def _lanes_folder(self) -> Path | None:
         if self._lane_folder is not None:
             return self._lane_folder
         with self._lock:
             if self._own_lane_folder is None:
-                self._own_lane_folder = Path(tempfile.mkdtemp(prefix="ibkr-statements-gpg-"))
+                self._own_lane_folder = lanes_folder(self.home, self.gpg_binary)
             return self._own_lane_folder
 
     def _give_back(self, gpg: Any, lane: Path | None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,10 +48,26 @@ pytest_plugins = ["tests.sshd"]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_every_gpg_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """gpg starts an agent per GnuPG home on first use; none may outlive the session."""
-    yield
+def _stop_every_gpg_agent(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """gpg starts an agent per GnuPG home on first use; none may outlive the session.
+
+    The decryptor's extra agents (lanes) live under the temporary folder: the session points
+    that (TMPDIR, for the processes it starts too) inside its own base folder, so that lanes a
+    killed run leaves are found and stopped here, and nothing lands in the machine's /tmp.
+    """
     base = tmp_path_factory.getbasetemp()
+    temp = base / "t"
+    temp.mkdir(exist_ok=True)
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(temp)
+    yield
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
     for socket_path in base.rglob("S.gpg-agent"):
         subprocess.run(
             ["gpgconf", "--homedir", str(socket_path.parent), "--kill", "gpg-agent"],

@@ -823,7 +823,7 @@ def agents_serving(folder: Path, *, wait_gone_s: float = 0.0) -> list[str]:
                 continue
             line = " ".join(a.decode(errors="replace") for a in argv)
             if "gpg-agent" in line and str(folder) in line:
-                found.append(line)
+                found.append(f"{proc.name}: {line}")  # the pid tells a new agent from an old
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
@@ -913,34 +913,93 @@ def test_without_a_usable_lane_folder_files_still_decrypt(
     assert blocked.read_text() == "a file where the lanes would go"
 
 
-@integration
-def test_lanes_default_to_a_private_temporary_folder_removed_at_close(
-    world: World, tmp_path: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(4)]
-    dec = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2)
-    dec.preflight()
-    start = threading.Barrier(2)
-    seen: list[list[Path]] = []
+def decrypt_at_once(dec: Decryptor, sources: list[Path], out_dir: Path) -> list[Path]:
+    """Decrypt ``sources`` on as many threads, all starting together (so lanes are made)."""
+    start = threading.Barrier(len(sources))
 
     def one(source: Path) -> Path:
         start.wait(timeout=30)
-        output = dec.decrypt(source, out_dir / source.stem).output
-        seen.append(sorted(temp.iterdir()))
-        return output
+        return dec.decrypt(source, out_dir / source.stem).output
 
-    with ThreadPoolExecutor(2) as pool:
-        outputs = list(pool.map(one, sources))
-    assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 4
-    (folder,) = seen[-1]
-    assert folder.name.startswith("ibkr-statements-gpg-")
+    with ThreadPoolExecutor(len(sources)) as pool:
+        return list(pool.map(one, sources))
+
+
+@pytest.fixture
+def temp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary folder the decryptor sees, empty; short, as a socket path must be."""
+    folder = Path(tempfile.mkdtemp(prefix="t", dir=tmp_path_factory.getbasetemp()))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@integration
+def test_lanes_default_to_a_private_folder_per_home_removed_at_close(
+    world: World, tmp_path: Path, out_dir: Path, temp: Path
+) -> None:
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(2)]
+    dec = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2)
+    dec.preflight()
+    outputs = decrypt_at_once(dec, sources, out_dir)
+    assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 2
+    (base,) = temp.iterdir()
+    assert base.name == f"ibkr-statements-gpg-{os.getuid()}"
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700
+    (folder,) = base.iterdir()
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert (folder / "home").read_text() == str(world.ours)
+    assert agents_serving(folder)
     dec.close()
-    assert list(temp.iterdir()) == []
+    assert list(base.iterdir()) == []
     assert agents_serving(folder, wait_gone_s=10) == []
+
+
+@integration
+def test_the_next_run_stops_the_lanes_a_killed_run_left(
+    world: World, tmp_path: Path, out_dir: Path, temp: Path, homes: list[Path]
+) -> None:
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(2)]
+    killed = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2)
+    decrypt_at_once(killed, sources, out_dir)  # and never closed, as after a SIGKILL
+    (base,) = temp.iterdir()
+    (left,) = base.iterdir()
+    assert agents_serving(left)
+    # A lane folder of a GnuPG home that was deleted since: its agent too.
+    gone = tmp_path / "deleted-home"
+    shutil.copytree(world.ours, gone, ignore=shutil.ignore_patterns("S.*"))
+    homes.append(gone)
+    other = Decryptor(gone, passphrase=PASSPHRASE, lanes=2)
+    decrypt_at_once(other, sources, out_dir)
+    orphan = next(f for f in base.iterdir() if f != left)
+    shutil.rmtree(gone)
+
+    again = Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2)
+    old_agents = set(agents_serving(left))
+    with again:
+        decrypt_at_once(again, sources, out_dir)
+        assert not orphan.exists()
+        assert agents_serving(orphan, wait_gone_s=10) == []
+        deadline = time.monotonic() + 10
+        while set(agents_serving(left)) & old_agents and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not set(agents_serving(left)) & old_agents, "the killed run's agent was stopped"
+        assert agents_serving(left), "and the new run's lane has its own"
+    assert agents_serving(left, wait_gone_s=10) == []
+
+
+@integration
+def test_a_lane_folder_that_is_not_private_is_not_used(
+    world: World, tmp_path: Path, out_dir: Path, temp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = temp / f"ibkr-statements-gpg-{os.getuid()}"
+    base.mkdir(mode=0o755)
+    base.chmod(0o755)  # as if another program, or another user, made it open
+    sources = [encrypt(world, tmp_path / f"f{i}.xml.pgp") for i in range(2)]
+    with Decryptor(world.ours, passphrase=PASSPHRASE, lanes=2) as dec:
+        outputs = decrypt_at_once(dec, sources, out_dir)
+    assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 2
+    assert "is not a private folder" in caplog.text
+    assert list(base.iterdir()) == []
 
 
 @integration
