@@ -540,7 +540,8 @@ class Decryptor:
     def _give_back(self, gpg: Any, lane: Path | None) -> None:
         with self._idle_ready:
             self._idle.append((gpg, lane))
-            self._idle_ready.notify()
+            # All: a waiter that needs the home must not be the only one woken for a lane.
+            self._idle_ready.notify_all()
 
     def _listed_keys(self) -> dict[str, dict[str, Any]]:
         with self._lock:

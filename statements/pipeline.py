@@ -40,16 +40,7 @@ from statements.errors import DiskFull, ExitCode, KeyProblem, RemoteError, State
 from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
-from statements.remote import (
-    Listing,
-    RemoteFile,
-    RemoteSession,
-    RemoteStore,
-    SftpSettings,
-    SftpStore,
-    Transient,
-    load_login_key,
-)
+from statements.store import Listing, RemoteFile, RemoteSession, RemoteStore, Transient
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +537,8 @@ def fetch_from_config(
     stop: threading.Event | None = None,
 ) -> FetchSummary:
     """`ibkr-statements fetch`: the key loaded once, the ledger opened, the run recorded."""
+    from statements.remote import SftpSettings, SftpStore, load_login_key  # see statements.store
+
     settings = SftpSettings.from_config(cfg)
     store = SftpStore(settings, load_login_key(cfg))
     server = ServerId(settings.host, settings.port, settings.username)
@@ -991,6 +984,8 @@ def run_from_config(
     Decryption runs on its own thread with its own ledger connection while the fetch goes on,
     so a night costs about the longer of the two, not their sum.
     """
+    from statements.remote import SftpSettings, SftpStore, load_login_key  # see statements.store
+
     lanes = gpg_lanes()
     # A key problem stops the run before any network traffic.
     decryptor = make_decryptor(cfg, lanes=lanes)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeAlias, TypeVar, cast
+from typing import BinaryIO, TypeAlias, TypeVar, cast
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -45,6 +45,12 @@ from statements.errors import KeyProblem, RemoteError, UsageError
 from statements.hostkeys import HostKey, KnownHosts, pin
 from statements.keys.ssh import SshPrivateKey, fingerprint_of_blob, load_private_key
 from statements.passphrase import PassphraseSource, read_passphrase
+from statements.store import Listing as Listing
+from statements.store import Refused as Refused
+from statements.store import RemoteFile as RemoteFile
+from statements.store import RemoteSession as RemoteSession
+from statements.store import RemoteStore as RemoteStore
+from statements.store import Transient as Transient
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -80,30 +86,6 @@ _FLAG_PERMISSIONS = paramiko.SFTPAttributes.FLAG_PERMISSIONS
 _FLAG_AMTIME = paramiko.SFTPAttributes.FLAG_AMTIME
 _FLAG_EXTENDED = paramiko.SFTPAttributes.FLAG_EXTENDED
 ALTERNATIVE_ENDPOINT = "ftp2.interactivebrokers.com port 22, folder outgoing"
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str  # as the server knows it: remote_dir joined with the relative name
-    relative: str  # relative to remote_dir ("sub/x.pgp" when recursive)
-    size: int
-    mtime: int
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.relative)
-
-
-@dataclass(frozen=True)
-class Refused:
-    name: str  # printable (repr-escaped where needed)
-    reason: str
-
-
-@dataclass(frozen=True)
-class Listing:
-    files: tuple[RemoteFile, ...]
-    refused: tuple[Refused, ...]
 
 
 def printable(name: str) -> str:
@@ -382,10 +364,6 @@ class HostKeyUnknown(RemoteError):
     def __init__(self, message: str, hint: str, offered: HostKey) -> None:
         super().__init__(message, hint)
         self.offered = offered
-
-
-class Transient(Exception):
-    """A fault worth another attempt: refused, reset, timeout, EOF during the handshake."""
 
 
 def _host_key_types(pinned: Sequence[HostKey], available: Sequence[str]) -> list[str]:
@@ -846,24 +824,6 @@ def _unreachable(settings: SftpSettings, exc: Transient) -> RemoteError:
         "Check [sftp] host and port against IBKR's email, and that outgoing TCP port "
         f"{settings.port} is open. Newer set-ups were given {ALTERNATIVE_ENDPOINT}.",
     )
-
-
-class RemoteSession(Protocol):
-    """What the pipeline needs of a connection (real: :class:`SftpSession`)."""
-
-    def list_files(self) -> Listing: ...
-
-    def download(
-        self, remote: RemoteFile, sink: BinaryIO, offset: int, progress: Callable[[int], None]
-    ) -> None: ...
-
-    def remove(self, remote: RemoteFile) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class RemoteStore(Protocol):
-    def connect(self) -> RemoteSession: ...
 
 
 def scan_host_keys(host: str, port: int, timeout_s: float) -> list[HostKey]:
