@@ -8,9 +8,11 @@ next run repairs the gap between rename and commit without downloading again.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import logging
+import operator
 import os
 import posixpath
 import queue
@@ -135,19 +137,21 @@ def inbox_name_for(remote: RemoteFile, version: int) -> str:
 
 
 def plan(
-    listing_files: tuple[RemoteFile, ...], history: dict[str, set[tuple[int, int]]]
+    listing_files: tuple[RemoteFile, ...], history: set[tuple[str, int, int]]
 ) -> tuple[list[PlannedFetch], int]:
-    """The files to fetch (never fetched, or fetched with another size/mtime) and the skip count."""
-    planned: list[PlannedFetch] = []
-    skipped = 0
-    for remote in listing_files:
-        seen = history.get(remote.path, set())
-        if (remote.size, remote.mtime) in seen:
-            skipped += 1
-            continue
-        version = len(seen) + 1
-        planned.append(PlannedFetch(remote, version, inbox_name_for(remote, version)))
-    return planned, skipped
+    """The files to fetch (never fetched, or fetched with another size/mtime) and the skip count.
+
+    ``history`` holds each (remote path, size, mtime) fetched before; a file fetched before with
+    another size or mtime is fetched again as its next version.
+    """
+    new = [f for f in listing_files if (f.path, f.size, f.mtime) not in history]
+    if not new:
+        return [], len(listing_files)
+    versions = collections.Counter(map(operator.itemgetter(0), history))
+    planned = [
+        PlannedFetch(f, versions[f.path] + 1, inbox_name_for(f, versions[f.path] + 1)) for f in new
+    ]
+    return planned, len(listing_files) - len(new)
 
 
 def sha256_of(path: Path, limit: int | None = None) -> hashlib._Hash:

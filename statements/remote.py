@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import functools
 import io
 import logging
 import posixpath
 import random
+import re
 import socket
 import stat
 import struct
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 MAX_NAME_BYTES = 255
+# A byte that is not UTF-8, as surrogateescape decoding leaves it in a name.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 # aes-gcm first: authenticated encryption in one pass is the cheapest paramiko offers.
 PREFERRED_CIPHERS = (
     "aes128-gcm@openssh.com",
@@ -108,7 +112,7 @@ def name_problem(name: str) -> str | None:
         return "starts with '.'"
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         return f"longer than {MAX_NAME_BYTES} bytes"
-    if any("\udc80" <= ch <= "\udcff" for ch in name):  # see list_folder_entries
+    if _ESCAPED_BYTE.search(name):  # see list_folder_entries
         return "is not valid UTF-8"
     if not name.isprintable():
         return "contains control characters"
@@ -275,8 +279,15 @@ def _reply(sftp: paramiko.SFTPClient, replies: _Replies, num: int) -> tuple[int,
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns)
+    """Does ``name`` match one of the glob ``patterns``, ignoring case."""
+    return _pattern_regex(tuple(patterns)).match(name) is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _pattern_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    # One compiled alternation for all patterns: the listing tests 20,000 names a night.
+    either = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) or "(?!)"
+    return re.compile(either, re.IGNORECASE | re.DOTALL)
 
 
 # --- settings and key ----------------------------------------------------------------------
@@ -435,6 +446,14 @@ class SftpSession:
             raise Transient(f"listing {folder}: {exc or type(exc).__name__}") from exc
         except OSError as exc:
             raise _remote_folder_error(self.settings, folder, exc) from None
+        # posixpath.join(folder, name) for a name without "/", once per folder, not per name.
+        joined = (
+            ""
+            if folder == "."
+            else folder
+            if folder in ("", "/") or folder.endswith("/")
+            else f"{folder}/"
+        )
         for attrs in entries:
             name = attrs.filename
             mode = attrs.st_mode or 0
@@ -456,10 +475,7 @@ class SftpSession:
                 continue
             files.append(
                 RemoteFile(
-                    path=posixpath.join(folder, name) if folder != "." else name,
-                    relative=prefix + name,
-                    size=int(attrs.st_size or 0),
-                    mtime=int(attrs.st_mtime or 0),
+                    joined + name, prefix + name, int(attrs.st_size or 0), int(attrs.st_mtime or 0)
                 )
             )
 

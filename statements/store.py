@@ -10,11 +10,13 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 
-@dataclass(frozen=True)
-class RemoteFile:
+class RemoteFile(NamedTuple):
+    """One file of a listing. A named tuple, not a frozen dataclass: a listing makes 20,000 of
+    them a night, and a frozen dataclass takes five times as long to build."""
+
     path: str  # as the server knows it: remote_dir joined with the relative name
     relative: str  # relative to remote_dir ("sub/x.pgp" when recursive)
     size: int

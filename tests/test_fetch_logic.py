@@ -65,13 +65,22 @@ def remote(name: str, size: int = 10, mtime: int = 100) -> RemoteFile:
 
 
 def test_plan_fetches_new_and_changed_versions_only() -> None:
-    history = {"outgoing/old.pgp": {(10, 100)}, "outgoing/changed.pgp": {(10, 100)}}
+    history = {("outgoing/old.pgp", 10, 100), ("outgoing/changed.pgp", 10, 100)}
     files = (remote("old.pgp"), remote("changed.pgp", size=11), remote("new.pgp"))
     planned, skipped = plan(files, history)
     assert skipped == 1
     assert [(p.remote.relative, p.version, p.inbox_name) for p in planned] == [
         ("changed.pgp", 2, "changed.pgp.v2"),
         ("new.pgp", 1, "new.pgp"),
+    ]
+
+
+def test_plan_numbers_a_third_version_after_two() -> None:
+    history = {("outgoing/x.pgp", 10, 100), ("outgoing/x.pgp", 11, 200), ("outgoing/y.pgp", 1, 1)}
+    planned, skipped = plan((remote("x.pgp", size=12, mtime=300), remote("y.pgp", 1, 1)), history)
+    assert skipped == 1
+    assert [(p.remote.relative, p.version, p.inbox_name) for p in planned] == [
+        ("x.pgp", 3, "x.pgp.v3")
     ]
 
 
@@ -192,7 +201,7 @@ def test_history_is_one_indexed_query_per_server(tmp_path: Path) -> None:
         )
         history = ledger.history(SERVER)
         ledger.finish_run(run, result="ok", exit_code=0, counts=RunCounts(fetched=301))
-    assert len(history) == 300 and history["f1.pgp"] == {(1, 1)}
+    assert len(history) == 300 and {h for h in history if h[0] == "f1.pgp"} == {("f1.pgp", 1, 1)}
     with sqlite3.connect(tmp_path / "index.sqlite3") as db:
         query_plan = " ".join(
             str(r[3])
