@@ -619,6 +619,9 @@ def place(source: Path, root: Path, relative: PurePosixPath, sha256: str) -> Pla
         candidate = versioned(relative, version)
         target = folder / candidate.name
         if _same_content(target, wanted):
+            # Durable before the caller's ledger commit says so: another worker may have
+            # linked it a moment ago and not yet synced the folder.
+            fsync_dir(folder)
             return Placement(candidate, version, already_there=True)
         if _lexists(target):
             continue
@@ -627,6 +630,7 @@ def place(source: Path, root: Path, relative: PurePosixPath, sha256: str) -> Pla
         except FileExistsError:
             # Someone else put a file there meanwhile: judge it like any existing one.
             if _same_content(target, wanted):
+                fsync_dir(folder)
                 return Placement(candidate, version, already_there=True)
             continue
         fsync_dir(folder)

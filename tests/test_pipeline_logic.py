@@ -286,14 +286,16 @@ def test_archiving_on_several_threads_files_each_once(tmp_path: Path) -> None:
     files["broken.pgp"] = b"BAD bytes"
     # Two versions of one report, landing in the same run: one is v2, neither is lost.
     files["same.xml.pgp"] = b"first"
+    # And one report delivered twice with the same content: archived once.
+    files["twin.xml.pgp"] = b"twin"
     fetched_ledger(tmp_path, files)
-    server = FakeServer({"same.xml.pgp": (b"second", 2)})
+    server = FakeServer({"same.xml.pgp": (b"second", 2), "twin.xml.pgp": (b"twin", 2)})
     with Ledger.open(tmp_path) as ledger:
         fetch(server, tmp_path, ledger)
         job = ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None, workers=4)
         summary = archive_inbox(ledger, job)
         assert ledger.fetched_rows(("fetched",)) == []
-    assert summary.processed == 42 and [f.name for f in summary.failures] == ["broken.pgp"]
+    assert summary.processed == 44 and [f.name for f in summary.failures] == ["broken.pgp"]
     assert sorted(summary.archived_ids) == sorted(set(summary.archived_ids))
     tree = archived(tmp_path)
     for name, data in files.items():
@@ -301,8 +303,8 @@ def test_archiving_on_several_threads_files_each_once(tmp_path: Path) -> None:
             account = name.split(".")[0]
             assert tree[f"{account}/2026/{name.removesuffix('.pgp')}"] == data
     unsorted = sorted(v for k, v in tree.items() if k.startswith("_unsorted/"))
-    assert unsorted == [b"first", b"second"]
-    assert len(tree) == 42
+    assert unsorted == [b"first", b"second", b"twin"]
+    assert len(tree) == 43
 
 
 def test_a_stop_lets_parallel_archiving_finish_its_files_and_start_no_other(
