@@ -48,7 +48,7 @@ from typing import IO, Any, Literal
 from statements.agentlanes import clear_lanes, lanes_folder, make_lane, remove_lane
 from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
 from statements.fsutil import Writeback, fsync_dir
-from statements.keys.pgp import check_passphrase, open_gnupg, status_summary
+from statements.keys.pgp import check_passphrase, gpg_time, open_gnupg, status_summary
 
 log = logging.getLogger(__name__)
 
@@ -334,20 +334,10 @@ def unusable_key(
         if str(part.get("trust", "")) == _REVOKED:
             return UnusableKey("key_revoked", primary, subkey, None)
     for subkey, part in parts:
-        expires = _epoch(str(part.get("expires", "") or ""))
+        expires = gpg_time(str(part.get("expires", "") or ""))
         if str(part.get("trust", "")) == _EXPIRED or (expires is not None and expires <= now):
             return UnusableKey("key_expired", primary, subkey, expires)
     return None
-
-
-def _epoch(value: str) -> datetime | None:
-    """gpg's colon listings give seconds since the epoch (or ISO 8601 basic with some options)."""
-    if value.isdigit():
-        return datetime.fromtimestamp(int(value), UTC)
-    try:
-        return datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def unusable_key_hint(kind: str, home: Path, fingerprint: str | None, subkey: str | None) -> str:

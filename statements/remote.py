@@ -210,18 +210,20 @@ def _add_names(data: bytes, entries: list[paramiko.SFTPAttributes]) -> None:
     pair = _U32_PAIR.unpack_from
     u64 = _U64.unpack_from
     end = len(data)
+
+    def string(at: int) -> tuple[bytes, int]:
+        """The SFTP string (u32 length, then bytes) at ``at``, and the offset after it."""
+        (length,) = u32(data, at)
+        return data[at + 4 : at + 4 + length], at + 4 + length
+
     try:
         (count,) = u32(data, 0)
         if count > (end - 4) // _ENTRY_MIN_BYTES:
             raise _malformed()
         at = 4
         for _ in range(count):
-            (length,) = u32(data, at)
-            name = data[at + 4 : at + 4 + length]
-            at += 4 + length
-            (length,) = u32(data, at)
-            longname = data[at + 4 : at + 4 + length]
-            at += 4 + length
+            name, at = string(at)
+            longname, at = string(at)
             (flags,) = u32(data, at)
             at += 4
             attrs = paramiko.SFTPAttributes()
@@ -244,12 +246,8 @@ def _add_names(data: bytes, entries: list[paramiko.SFTPAttributes]) -> None:
                 if pairs > (end - at) // 8:
                     raise _malformed()
                 for _ in range(pairs):
-                    (length,) = u32(data, at)
-                    key = data[at + 4 : at + 4 + length]
-                    at += 4 + length
-                    (length,) = u32(data, at)
-                    value = data[at + 4 : at + 4 + length]
-                    at += 4 + length
+                    key, at = string(at)
+                    value, at = string(at)
                     # bytes, as paramiko stores them; its stubs say str
                     attrs.attr[key] = value  # type: ignore[index,assignment]
             if at > end:  # a name ran past the end: slicing does not say so, the offset does

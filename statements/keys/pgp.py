@@ -364,8 +364,8 @@ def _key_info(raw: dict[str, Any]) -> PgpKeyInfo:
         uids=tuple(str(uid) for uid in raw.get("uids", ())),
         algorithm=_ALGORITHMS.get(str(raw.get("algo")), f"algorithm {raw.get('algo')}"),
         bits=int(raw.get("length") or 0),
-        created=_gpg_time(str(raw.get("date", ""))) or datetime.fromtimestamp(0, UTC),
-        expires=_gpg_time(str(raw.get("expires", ""))),
+        created=gpg_time(str(raw.get("date", ""))) or datetime.fromtimestamp(0, UTC),
+        expires=gpg_time(str(raw.get("expires", ""))),
         has_encryption_subkey=any(
             "e" in str(sub.get("cap", "")) and str(sub.get("trust", "")) not in _UNUSABLE
             for sub in subkeys
@@ -373,7 +373,7 @@ def _key_info(raw: dict[str, Any]) -> PgpKeyInfo:
     )
 
 
-def _gpg_time(value: str) -> datetime | None:
+def gpg_time(value: str) -> datetime | None:
     """gpg's colon listings give seconds since the epoch, or ISO 8601 basic with some options."""
     if not value:
         return None
