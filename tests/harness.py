@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import shutil
 import sqlite3
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.clitools import Project
+from tests.sshd import SshdServer
 
 
 def sha(data: bytes) -> str:
@@ -98,6 +100,19 @@ def point_at(project: Project, *, host: str, port: int, username: str, remote_di
         assert old in text, old
         text = text.replace(old, new)
     project.config.write_text(text)
+
+
+def sshd_project(keyed: Project, sshd: SshdServer, sftp_dir: Path, target: Path) -> Project:
+    """A copy of ``keyed`` at ``target`` that logs in to the test sshd (its client key, its
+    host keys pinned) and fetches from ``sftp_dir``."""
+    project = keyed.copy_to(target)
+    shutil.copy(sshd.client_key_path, project.keys / "ibkr_rsa")
+    (project.keys / "ibkr_rsa").chmod(0o600)
+    (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
+    point_at(
+        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
+    )
+    return project
 
 
 def set_option(project: Project, old: str, new: str) -> None:

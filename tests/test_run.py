@@ -16,7 +16,7 @@ import pytest
 
 from tests import harness
 from tests.clitools import PGP_PASSPHRASE, Project
-from tests.harness import make_sender, point_at, sha, stranger_key
+from tests.harness import make_sender, sha, sshd_project, stranger_key
 from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.integration
@@ -36,14 +36,7 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 def run_project(
     keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
 ) -> Project:
-    project = keyed_project.copy_to(tmp_path / "p")
-    shutil.copy(sshd.client_key_path, project.keys / "ibkr_rsa")
-    (project.keys / "ibkr_rsa").chmod(0o600)
-    (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
-    point_at(
-        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
-    )
-    return project
+    return sshd_project(keyed_project, sshd, sftp_dir, tmp_path / "p")
 
 
 def env_for(project: Project, sshd: SshdServer) -> dict[str, str]:

@@ -29,7 +29,7 @@ from statements.scheduler import (
     occurrence_on,
 )
 from tests.clitools import CONSOLE_SCRIPT, PGP_PASSPHRASE, Project
-from tests.harness import Sender, assert_consistent, make_sender, point_at
+from tests.harness import Sender, assert_consistent, make_sender, sshd_project
 from tests.sshd import SshdServer
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -214,16 +214,6 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
 # --- real processes --------------------------------------------------------------------------
 
 
-def sshd_project(keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp: Path) -> Project:
-    project = keyed_project.copy_to(tmp / "p")
-    (project.keys / "ibkr_rsa").write_bytes(sshd.client_key_path.read_bytes())
-    (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
-    point_at(
-        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
-    )
-    return project
-
-
 def encrypt_for(project: Project, data: bytes, tmp: Path) -> bytes:
     if not (tmp / "sender").exists():
         make_sender(tmp, project.keys / "pgp-public.asc")
@@ -234,7 +224,7 @@ def encrypt_for(project: Project, data: bytes, tmp: Path) -> bytes:
 def test_run_while_another_holds_the_lock_exits_5_naming_it(
     keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
 ) -> None:
-    project = sshd_project(keyed_project, sshd, sftp_dir, tmp_path)
+    project = sshd_project(keyed_project, sshd, sftp_dir, tmp_path / "p")
     env = project.env(IBKR_SSH_PASSPHRASE=sshd.client_key_passphrase)
     with run_lock(project.root / "archive", "schedule"):
         result = project.run("run", env=env)
@@ -246,7 +236,7 @@ def test_run_while_another_holds_the_lock_exits_5_naming_it(
 def test_sigterm_stops_cleanly_and_the_next_run_completes(
     keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
 ) -> None:
-    project = sshd_project(keyed_project, sshd, sftp_dir, tmp_path)
+    project = sshd_project(keyed_project, sshd, sftp_dir, tmp_path / "p")
     project.config.write_text(project.config.read_text().replace("workers = 4", "workers = 1"))
     env = project.env(IBKR_SSH_PASSPHRASE=sshd.client_key_passphrase)
     payload = os.urandom(400_000)
@@ -290,7 +280,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_completes(
 def test_schedule_daemon_catches_up_logs_json_and_stops_on_sigterm(
     keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
 ) -> None:
-    project = sshd_project(keyed_project, sshd, sftp_dir, tmp_path)
+    project = sshd_project(keyed_project, sshd, sftp_dir, tmp_path / "p")
     # Every day, a minute ago: the daemon must catch that run up at once, and only once.
     zone = ZoneInfo("America/New_York")
     at = (datetime.now(zone) - timedelta(minutes=1)).strftime("%H:%M")

@@ -221,6 +221,28 @@ def make_project(fault_keys: Project, sshd: SshdServer, tmp_path: Path) -> Itera
         project.stop_agent()
 
 
+def dialing(
+    make_project: MakeProject,
+    sshd: SshdServer,
+    sftp_dir: Path,
+    port: int,
+    *,
+    stalls: bool = False,
+) -> Project:
+    """A project serving ``sftp_dir`` that dials ``port`` (sshd's, or a proxy's in front of
+    it), sshd's host keys pinned under that port; with ``stalls``, the short timeout and
+    retries that bound the stall tests."""
+    settings: dict[str, object] = (
+        {"timeout_s": STALL_TIMEOUT_S, "retries": STALL_RETRIES} if stalls else {}
+    )
+    return make_project(
+        port=port,
+        remote_dir=str(sftp_dir),
+        known_hosts=known_hosts_for(sshd, port),
+        **settings,
+    )
+
+
 def env_for(project: Project, sshd: SshdServer) -> dict[str, str]:
     return project.env(IBKR_SSH_PASSPHRASE=sshd.client_key_passphrase)
 
@@ -559,9 +581,7 @@ def test_connection_cut_at_seeded_offsets_then_the_next_run_completes(
     record_property: Callable[[str, object], None],
 ) -> None:
     """TCP cut after N server bytes, N at 50 seeded offsets over 1 KiB..50 MiB reports + a zip"""
-    project = make_project(
-        port=proxy.port, remote_dir=str(sftp_dir), known_hosts=known_hosts_for(sshd, proxy.port)
-    )
+    project = dialing(make_project, sshd, sftp_dir, proxy.port)
     env = env_for(project, sshd)
     steps = setup_bytes(proxy, sshd)
     rng = random.Random(SEED)
@@ -691,9 +711,7 @@ def test_sigkill_at_seeded_moments_then_the_next_run_completes(
     record_property: Callable[[str, object], None],
 ) -> None:
     """`run` SIGKILLed 50 times (listing, download, rename, decrypt, unpack, commits); rerun"""
-    project = make_project(
-        port=sshd.port, remote_dir=str(sftp_dir), known_hosts=known_hosts_for(sshd, sshd.port)
-    )
+    project = dialing(make_project, sshd, sftp_dir, sshd.port)
     env = env_for(project, sshd)
     root = archive_root(project)
     rng = random.Random(SEED + 1)
@@ -756,9 +774,7 @@ def test_sigterm_stops_cleanly_with_exit_0_and_the_next_run_completes(
     record_property: Callable[[str, object], None],
 ) -> None:
     """SIGTERM while files transfer: exit 0, "stopped on request", consistent, resumable"""
-    project = make_project(
-        port=sshd.port, remote_dir=str(sftp_dir), known_hosts=known_hosts_for(sshd, sshd.port)
-    )
+    project = dialing(make_project, sshd, sftp_dir, sshd.port)
     env = env_for(project, sshd)
     expected = corpus.serve(sftp_dir, corpus.names(big=True))
     rng = random.Random(SEED + 2)
@@ -854,13 +870,7 @@ def test_half_a_key_exchange_packet_from_sshd_ends_with_exit_4(
 ) -> None:
     """sshd's reply stops mid-packet on every connection (half a KEXINIT): exit 4, no hang"""
     corpus.serve(sftp_dir, corpus.names(big=False)[:2])
-    project = make_project(
-        port=proxy.port,
-        remote_dir=str(sftp_dir),
-        known_hosts=known_hosts_for(sshd, proxy.port),
-        timeout_s=STALL_TIMEOUT_S,
-        retries=STALL_RETRIES,
-    )
+    project = dialing(make_project, sshd, sftp_dir, proxy.port, stalls=True)
     # The banner is ~40 bytes and KEXINIT ~1 KiB: 300 bytes cut it in the middle.
     proxy.arm(300, stall=True, every_connection=True)
     ran = run(project, env_for(project, sshd), limit=STALL_LIMIT_S)
@@ -883,13 +893,7 @@ def test_a_line_that_breaks_during_login_or_listing_is_retried(
     """Line cut or stalled once mid-login or mid-listing: retried, exit 0, not a refusal"""
     names = corpus.names(big=False)[:2]
     expected = corpus.serve(sftp_dir, names)
-    project = make_project(
-        port=proxy.port,
-        remote_dir=str(sftp_dir),
-        known_hosts=known_hosts_for(sshd, proxy.port),
-        timeout_s=STALL_TIMEOUT_S,
-        retries=STALL_RETRIES,
-    )
+    project = dialing(make_project, sshd, sftp_dir, proxy.port, stalls=True)
     steps = setup_bytes(proxy, sshd)
     # Mid-login: between key exchange and login answered. Mid-listing: the folder listing
     # follows the SFTP start on the first connection (~0.5 KiB for two files).
@@ -915,13 +919,7 @@ def test_a_server_that_stalls_after_login_ends_with_exit_4(
 ) -> None:
     """sshd stops mid-way through starting SFTP, after login, on every connection: exit 4"""
     corpus.serve(sftp_dir, corpus.names(big=False)[:2])
-    project = make_project(
-        port=proxy.port,
-        remote_dir=str(sftp_dir),
-        known_hosts=known_hosts_for(sshd, proxy.port),
-        timeout_s=STALL_TIMEOUT_S,
-        retries=STALL_RETRIES,
-    )
+    project = dialing(make_project, sshd, sftp_dir, proxy.port, stalls=True)
     steps = setup_bytes(proxy, sshd)
     # Past the host keys sshd sends after login: in the channel open or the SFTP version.
     proxy.arm(steps.sftp - 200, stall=True, every_connection=True)
@@ -943,13 +941,7 @@ def test_a_transfer_that_stalls_mid_file_times_out_and_resumes(
     """sshd stops sending mid-transfer (3 seeded offsets): timeout, reconnect, resume, exit 0"""
     names = corpus.names(big=False)
     expected = corpus.serve(sftp_dir, names)
-    project = make_project(
-        port=proxy.port,
-        remote_dir=str(sftp_dir),
-        known_hosts=known_hosts_for(sshd, proxy.port),
-        timeout_s=STALL_TIMEOUT_S,
-        retries=STALL_RETRIES,
-    )
+    project = dialing(make_project, sshd, sftp_dir, proxy.port, stalls=True)
     env = env_for(project, sshd)
     rng = random.Random(SEED + 3)
     tries = 3
@@ -1002,9 +994,7 @@ def test_two_runs_at_once_one_exits_5_naming_the_other(
     record_property: Callable[[str, object], None],
 ) -> None:
     """Two `run` processes started together on one archive: one exits 5 naming the other"""
-    project = make_project(
-        port=sshd.port, remote_dir=str(sftp_dir), known_hosts=known_hosts_for(sshd, sshd.port)
-    )
+    project = dialing(make_project, sshd, sftp_dir, sshd.port)
     env = env_for(project, sshd)
     expected = corpus.serve(sftp_dir, corpus.names(big=False))
     for _ in range(RACES):

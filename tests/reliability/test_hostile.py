@@ -17,7 +17,6 @@ import hmac
 import io
 import os
 import re
-import shutil
 import sqlite3
 import stat
 import tempfile
@@ -60,6 +59,7 @@ from statements.sandbox import SandboxServer, generate_ed25519_key
 from tests.clitools import Project
 from tests.harness import Sender, archive_tree, assert_consistent, make_sender, point_at, set_option
 from tests.harness import sha as sha_of
+from tests.harness import sshd_project as pointed_at_sshd
 from tests.sshd import SshdServer
 
 # Tests that run the console script, gpg or sshd; the fuzz and config-model tests are offline.
@@ -250,14 +250,7 @@ def sshd_project(
     keyed_project: Project, sshd: SshdServer, sftp_dir: Path, tmp_path: Path
 ) -> Project:
     """A copy of the keyed project pointed at the real sshd, folder ``sftp_dir``."""
-    project = keyed_project.copy_to(tmp_path / "p")
-    shutil.copy(sshd.client_key_path, project.keys / "ibkr_rsa")
-    (project.keys / "ibkr_rsa").chmod(0o600)
-    (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
-    point_at(
-        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
-    )
-    return project
+    return pointed_at_sshd(keyed_project, sshd, sftp_dir, tmp_path / "p")
 
 
 @integration

@@ -17,7 +17,6 @@ import gc
 import os
 import re
 import shlex
-import shutil
 import sqlite3
 import stat
 import subprocess
@@ -40,6 +39,7 @@ from tests.harness import (
     point_at,
     set_option,
     sha,
+    sshd_project,
     stop_agent,
 )
 from tests.sshd import SshdServer
@@ -154,18 +154,6 @@ def encrypt(
 
 def own_fingerprint(project: Project) -> str:
     return fingerprints(project.keys / "gnupg")[0]
-
-
-def sshd_project(keyed: Project, sshd: SshdServer, sftp_dir: Path, target: Path) -> Project:
-    """A copy of the keyed project that logs in to the test sshd and fetches from ``sftp_dir``."""
-    project = keyed.copy_to(target)
-    shutil.copy(sshd.client_key_path, project.keys / "ibkr_rsa")
-    (project.keys / "ibkr_rsa").chmod(0o600)
-    (project.keys / "known_hosts").write_text(sshd.known_hosts_path.read_text())
-    point_at(
-        project, host=sshd.host, port=sshd.port, username=sshd.username, remote_dir=str(sftp_dir)
-    )
-    return project
 
 
 def sshd_env(project: Project, sshd: SshdServer, **extra: str) -> dict[str, str]:
