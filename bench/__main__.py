@@ -43,6 +43,7 @@ from bench.history import OURS_MUTABLE, REFERENCE_MUTABLE, State
 from bench.measure import GNU_TIME, ProcessFailed
 from bench.scenarios import Context, NightlyStates, Runner, Scenario, say
 from statements.config import SftpConfig
+from statements.keys.pgp import stop_agent
 from tests.sshd import SshdServer, make_client_keys, running_sshd
 
 SEED = 20260901
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     work / "pgp" / "pgp-project" / "keys" / "gnupg",
                     work / "pgp" / "gnupg-fast",
                 ):
-                    pgp.kill_agent(home)
+                    stop_agent(home)
     return code
 
 
@@ -252,7 +253,7 @@ def make_history(
     seconds = None
     if o.history_by_run:
         say(f"  first sync of {hist.count:,} reports by `run` (fast S2K key) ...")
-        pgp.kill_agent(ctx.keyring.fast)
+        stop_agent(ctx.keyring.fast)
         started = time.perf_counter()
         done = subprocess.run(
             clients.ours_argv(config, "run"),

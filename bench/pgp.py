@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.clients import CONSOLE_SCRIPT
+from statements.keys.pgp import stop_agent
 
 PASSPHRASE = "bench pgp passphrase, correct horse battery"
 FAST_S2K_COUNT = 65536
@@ -56,15 +57,6 @@ def gpg(home: Path, *args: str, stdin: bytes = b"") -> bytes:
     if result.returncode != 0:
         raise RuntimeError(f"gpg {' '.join(args[:3])} failed: {result.stderr.decode()[-1500:]}")
     return result.stdout
-
-
-def kill_agent(home: Path) -> None:
-    subprocess.run(
-        ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def make_keyring(work: Path, bits: int, env: dict[str, str]) -> Keyring:
@@ -100,7 +92,7 @@ def make_keyring(work: Path, bits: int, env: dict[str, str]) -> Keyring:
     if found is None:
         raise RuntimeError(f"no fingerprint in `keys pgp` output:\n{done.stdout}")
     calibrated = project / "keys" / "gnupg"
-    kill_agent(calibrated)
+    stop_agent(calibrated)
     passphrase_file = work / "pgp-passphrase"
     passphrase_file.touch(mode=0o600)
     passphrase_file.write_text(PASSPHRASE)
@@ -118,7 +110,7 @@ def _reprotect(home: Path, fingerprint: str, count: int) -> None:
     conf = home / "gpg-agent.conf"
     original = conf.read_text()
     conf.write_text(original + f"s2k-count {count}\n")
-    kill_agent(home)
+    stop_agent(home)
     try:
         # Loopback pinentry asks for the old passphrase, then the new one: the same here.
         gpg(
@@ -134,7 +126,7 @@ def _reprotect(home: Path, fingerprint: str, count: int) -> None:
             stdin=f"{PASSPHRASE}\n{PASSPHRASE}\n".encode(),
         )
     finally:
-        kill_agent(home)
+        stop_agent(home)
         conf.write_text(original)
     if stored_counts(home) != {count}:
         raise RuntimeError(f"re-protecting the key gave S2K counts {stored_counts(home)}")
@@ -162,7 +154,7 @@ def agent_count(home: Path) -> int:
         check=False,
     )
     found = re.search(r"^D (\d+)", done.stdout, re.MULTILINE)
-    kill_agent(home)
+    stop_agent(home)
     return int(found.group(1)) if found else 0
 
 
@@ -214,5 +206,5 @@ def unlock_seconds(keyring: Keyring, sample: Path, runs: int) -> dict[str, float
             if run:
                 samples.append(time.perf_counter() - started)
     for s2k in times:
-        kill_agent(keyring.home(s2k))
+        stop_agent(keyring.home(s2k))
     return {s2k: statistics.median(samples) for s2k, samples in times.items()}

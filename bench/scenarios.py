@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,8 @@ from bench.clients import Login, Target
 from bench.corpus import Corpus, problem_with_archive, problem_with_copy
 from bench.history import OURS_MUTABLE, State
 from bench.measure import ProcessFailed, Sample, run_measured
-from bench.pgp import Keyring, kill_agent
+from bench.pgp import Keyring
+from statements.keys.pgp import stop_agent
 
 PROCESS_TIMEOUT_S = 3600.0
 Check = Callable[[str], str | None]  # the run's output -> what is wrong, or None
@@ -116,7 +117,7 @@ class Runner:
         folder.mkdir(parents=True)
         job = tool.prepare(folder)
         for home in job.agents:
-            kill_agent(home)
+            stop_agent(home)
         os.sync()
         log_path = folder / "output.log"
         sample = run_measured(
@@ -139,6 +140,19 @@ class Runner:
 
 
 # --- the tools -----------------------------------------------------------------------------
+
+
+def _also_checking(
+    prepare: Callable[[Path], Job], problem: Callable[[Path], str | None]
+) -> Callable[[Path], Job]:
+    """``prepare``'s job, whose check then also asks ``problem`` of the run's project folder."""
+
+    def job(path: Path) -> Job:
+        made = prepare(path)
+        project = path / "project"
+        return replace(made, check=_all(made.check, lambda _output: problem(project)))
+
+    return job
 
 
 def _all(*checks: Check) -> Check:
@@ -337,19 +351,7 @@ def nightly(ctx: Context, states: NightlyStates, new: Corpus, *, calibrated: boo
         prepare = ours(
             ctx, "run", folder, state=states.ours, login=login, home=home, check=ours_check
         )
-
-        def with_archive(path: Path) -> Job:
-            job = prepare(path)
-            archive = path / "project" / "archive"
-            return Job(
-                job.argv,
-                job.env,
-                job.cwd,
-                _all(job.check, lambda _o: archived(archive)),
-                job.agents,
-            )
-
-        return with_archive
+        return _also_checking(prepare, lambda project: archived(project / "archive"))
 
     ref = reference(
         ctx,
@@ -446,32 +448,16 @@ def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -
     def fetch_check(output: str) -> str | None:
         return _says(rf"fetched {corpus.count} new")(output)
 
-    def ours_fetch(path: Path) -> Job:
-        job = ours(ctx, "fetch", folder, check=fetch_check)(path)
-        inbox = path / "project" / "archive" / ".inbox"
-        return Job(
-            job.argv,
-            job.env,
-            job.cwd,
-            _all(job.check, lambda _o: problem_with_copy(corpus.cipher_digests, inbox)),
-            job.agents,
-        )
+    ours_fetch = _also_checking(
+        ours(ctx, "fetch", folder, check=fetch_check),
+        lambda project: problem_with_copy(corpus.cipher_digests, project / "archive" / ".inbox"),
+    )
 
     def ours_with_archive(command: str, state: State | None) -> Callable[[Path], Job]:
-        prepare = ours(ctx, command, folder, state=state, check=lambda _o: None)
-
-        def run(path: Path) -> Job:
-            job = prepare(path)
-            archive = path / "project" / "archive"
-            return Job(
-                job.argv,
-                job.env,
-                job.cwd,
-                _all(job.check, lambda _o: problem_with_archive(corpus.plain_digests, archive)),
-                job.agents,
-            )
-
-        return run
+        return _also_checking(
+            ours(ctx, command, folder, state=state, check=lambda _o: None),
+            lambda project: problem_with_archive(corpus.plain_digests, project / "archive"),
+        )
 
     gpg_name = "gpg -d" if big else "ONE gpg --decrypt-files"
     tools = [
