@@ -28,6 +28,7 @@ from typing import BinaryIO, TypeAlias, TypeVar, cast
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from paramiko.buffered_pipe import PipeTimeout
 from paramiko.sftp import (
     CMD_CLOSE,
     CMD_DATA,
@@ -78,6 +79,8 @@ MAX_READ_CHUNK = 256 * 1024
 READ_AHEAD_BYTES = 2 * 1024 * 1024
 # A whole read reply in one SSH packet (paramiko's default, 32 KiB, splits even a 32 KiB one).
 MAX_PACKET_SIZE = MAX_READ_CHUNK + 1024
+# What one read from the connection's socket may take (ReadAheadSocket).
+READ_AHEAD_SOCKET_BYTES = 128 << 10
 # Listing: READDIR requests kept in flight on one folder handle (OpenSSH answers each with
 # up to 100 names; 32 in flight list 20,000 files in 7 round trips), and how much of a
 # folder is believed before the listing is refused.
@@ -393,14 +396,14 @@ class SftpSession:
     def __init__(self, settings: SftpSettings, transport: paramiko.Transport) -> None:
         self.settings = settings
         self.transport = transport
-        client = paramiko.SFTPClient.from_transport(transport)
-        if client is None:
-            raise RemoteError("The server did not start the SFTP subsystem.")
+        # As paramiko's SFTPClient.from_transport, with the channel's buffer swapped first.
+        channel = transport.open_session()
+        channel.in_buffer = PacketPipe()  # type: ignore[assignment]
+        channel.invoke_subsystem("sftp")
+        client = paramiko.SFTPClient(channel)
         self.sftp = client
         # Every SFTP call waits at most timeout_s for an answer: a stalled server is an error.
-        channel = client.get_channel()
-        if channel is not None:
-            channel.settimeout(settings.timeout_s)
+        channel.settimeout(settings.timeout_s)
         self.read_chunk = _read_chunk(client)
 
     def close(self) -> None:
@@ -599,6 +602,134 @@ def _remote_folder_error(settings: SftpSettings, folder: str, exc: OSError) -> R
     )
 
 
+class PacketPipe:
+    """A paramiko Channel's incoming buffer (BufferedPipe's interface) that keeps each packet's
+    bytes as they came.
+
+    BufferedPipe copies every packet into an array and out again, and a read that takes only
+    the front of it moves everything behind it: with 2 MiB of read replies waiting (the reader
+    busy writing and hashing), reading one 4-byte SFTP length moved 2 MiB. Here a read joins
+    whole packets and slices only the last one it takes. A 1 GiB download into a file, hashed:
+    4.0-4.8 s -> 2.9-3.5 s, a third less CPU. Reads wait and time out as BufferedPipe's do.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._packets: collections.deque[bytes] = collections.deque()
+        self._size = 0  # bytes buffered
+        self._at = 0  # bytes of the first packet already read
+        self._closed = False
+        self._event: threading.Event | None = None
+
+    def set_event(self, event: threading.Event) -> None:
+        with self._lock:
+            self._event = event
+            if self._closed or self._size:
+                event.set()
+            else:
+                event.clear()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            if self._event is not None:
+                self._event.set()
+            if data:
+                self._packets.append(bytes(data))
+                self._size += len(data)
+            self._ready.notify_all()
+
+    def read_ready(self) -> bool:
+        with self._lock:
+            return self._size > 0
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        with self._lock:
+            if not self._size:
+                if self._closed:
+                    return b""
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._size and not self._closed:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise PipeTimeout()
+                    self._ready.wait(left)
+                if not self._size:
+                    return b""  # closed while waiting
+            out = self._take(nbytes)
+            if not self._size and self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def empty(self) -> bytes:
+        with self._lock:
+            out = self._take(self._size)
+            if self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._ready.notify_all()
+            if self._event is not None:
+                self._event.set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._size
+
+    def _take(self, nbytes: int) -> bytes:
+        parts = []
+        want = nbytes
+        while want and self._packets:
+            first = self._packets[0]
+            available = len(first) - self._at
+            if available <= want:
+                parts.append(first[self._at :] if self._at else first)
+                self._packets.popleft()
+                self._at = 0
+                want -= available
+            else:
+                parts.append(first[self._at : self._at + want])
+                self._at += want
+                want = 0
+        self._size -= nbytes - want
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class ReadAheadSocket:
+    """A connected socket whose small reads are served from one large one.
+
+    paramiko reads each SSH packet with two ``recv`` calls, and as the socket has a timeout,
+    Python polls before each: four system calls per packet of at most 32 KiB (OpenSSH's sshd
+    sends no larger ones), more than half of a big download's CPU here. Reading whatever has
+    arrived, up to READ_AHEAD_SOCKET_BYTES, and serving paramiko's calls from it measured
+    1 GiB in 2.0 s instead of 2.8 s, with a quarter less CPU. Everything else (timeouts,
+    ``send``, ``close``) is the socket's own, so paramiko's timeout handling is unchanged.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._data = b""
+        self._at = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._at >= len(self._data):
+            data = self._sock.recv(max(size, READ_AHEAD_SOCKET_BYTES))
+            if len(data) <= size:  # all of it asked for: no copy, nothing kept
+                return data
+            self._data, self._at = data, 0
+        out = self._data[self._at : self._at + size]
+        self._at += len(out)
+        return out
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
 class SftpStore:
     """Opens sessions to one server with one loaded key; retries transient faults."""
 
@@ -630,7 +761,7 @@ class SftpStore:
         # algorithm holds each one back until the server acknowledges the one before.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(
-            sock,
+            ReadAheadSocket(sock),  # type: ignore[arg-type]  # paramiko takes socket-likes
             default_window_size=WINDOW_SIZE,
             default_max_packet_size=MAX_PACKET_SIZE,
             disabled_algorithms=dict(s.disabled_algorithms) or None,

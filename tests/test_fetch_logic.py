@@ -5,15 +5,27 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import random
+import socket
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from paramiko.buffered_pipe import PipeTimeout
 
 from statements.hostkeys import HostKey, KnownHosts, hosts_match, parse_known_hosts, pin
 from statements.ledger import Ledger, RunCounts, ServerId
 from statements.pipeline import inbox_name_for, plan
-from statements.remote import RemoteFile, _host_key_types, matches, name_problem
+from statements.remote import (
+    PacketPipe,
+    ReadAheadSocket,
+    RemoteFile,
+    _host_key_types,
+    matches,
+    name_problem,
+)
 
 SERVER = ServerId("xfer.interactivebrokers.com", 32, "jdoe")
 
@@ -221,3 +233,69 @@ def test_refused_names_are_recorded_once_with_a_count(tmp_path: Path) -> None:
         assert ledger.refused_names(SERVER) == {"../x.pgp": "is or contains '..'"}
     with sqlite3.connect(tmp_path / "index.sqlite3") as db:
         assert db.execute("SELECT times FROM refused").fetchone()[0] == 2
+
+
+# --- the channel buffer and the socket paramiko reads through ---------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packet_pipe_reads_the_bytes_fed_in_order_whatever_the_sizes(seed: int) -> None:
+    rng = random.Random(seed)
+    pipe = PacketPipe()
+    fed = bytearray()
+    for _ in range(200):
+        packet = rng.randbytes(rng.choice((1, 4, 100, 32768)))
+        pipe.feed(packet)
+        fed += packet
+    assert len(pipe) == len(fed)
+    got = bytearray()
+    while len(got) < len(fed):
+        got += pipe.read(rng.choice((1, 4, 13, 4096, 70000)))  # SFTP: a length, then the rest
+        assert len(pipe) == len(fed) - len(got)
+    assert got == fed
+    assert not pipe.read_ready()
+
+
+def test_packet_pipe_waits_times_out_and_ends_as_bufferedpipe() -> None:
+    pipe = PacketPipe()
+    event = threading.Event()
+    pipe.set_event(event)
+    assert not event.is_set()
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.0)
+    started = time.monotonic()
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.2)
+    assert 0.15 < time.monotonic() - started < 5
+    threading.Timer(0.1, pipe.feed, args=(b"late",)).start()
+    assert pipe.read(10, timeout=5) == b"late"  # a waiting read wakes when a packet comes
+    pipe.feed(b"abcdef")
+    assert event.is_set()
+    assert pipe.read(3) == b"abc" and pipe.empty() == b"def"
+    assert not event.is_set()
+    pipe.feed(b"rest")
+    pipe.close()
+    assert pipe.read(100) == b"rest"  # what came before the close is still read
+    assert pipe.read(100) == b""  # then the end, at once
+    assert event.is_set()
+
+
+def test_read_ahead_socket_serves_small_reads_from_one_large_one() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(10)  # a bug here fails the test instead of hanging it
+        wrapped = ReadAheadSocket(ours)
+        data = random.Random(1).randbytes(300_000)
+        sender = threading.Thread(target=theirs.sendall, args=(data,))
+        sender.start()
+        got = bytearray()
+        sizes = iter([4, 16, 32768, 1, 100_000] * 100)
+        while len(got) < len(data):
+            got += wrapped.recv(next(sizes))
+        sender.join()
+        assert got == data
+        wrapped.settimeout(0.1)  # everything else is the socket's own
+        with pytest.raises(TimeoutError):
+            wrapped.recv(4)
+        theirs.close()
+        assert wrapped.recv(4) == b""  # the end of the connection, as a socket says it
