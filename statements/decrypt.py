@@ -36,9 +36,11 @@ import hashlib
 import io
 import logging
 import os
+import select
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -598,35 +600,57 @@ class Decryptor:
             ) from None
         finally:
             self._give_back(gpg, lane)
-        crash, stderr, returncode = run.crash, run.stderr, run.returncode
-        lines = self._status_lines(stderr)
-        st = parse_status(lines)
-        size = run.written if crash is None else None
-        kind = failure_kind(
-            st, returncode, passphrase_given=self._passphrase is not None, output_size=size
-        )
-        if kind is None and crash is not None:
-            kind = "gpg_error"
-        if kind is not None:
-            failed = self._failure(kind, source, st, stderr, lines, crash, size)
-            failed.in_lane = lane is not None
-            raise failed
-        self._check_key(source, st, lines)
-        signature, signer = st.signature()
-        self._check_signature(source, st, lines)
+        st, lines = self._verdict(source, run, in_lane=lane is not None)
         os.fsync(sink.fileno())
         tmp.replace(output)
         fsync_dir(output.parent)
-        return Decrypted(
-            output=output,
-            sha256=run.sha256,
-            size=run.written,
-            integrity=st.integrity() or "",
-            recipients=tuple(dict.fromkeys(st.recipients)),
-            signature=signature,
-            signer_fingerprint=signer,
-            status_lines=lines,
+        return _decrypted(output, run, st, lines)
+
+    def _verdict(
+        self, source: Path, run: _GpgRun, *, in_lane: bool
+    ) -> tuple[GpgStatus, tuple[str, ...]]:
+        """What gpg's run proves, or DecryptFailed; ``source`` names the file in messages."""
+        lines = self._status_lines(run.stderr)
+        st = parse_status(lines)
+        size = run.written if run.crash is None else None
+        kind = failure_kind(
+            st, run.returncode, passphrase_given=self._passphrase is not None, output_size=size
         )
+        if kind is None and run.crash is not None:
+            kind = "gpg_error"
+        if kind is not None:
+            failed = self._failure(kind, source, st, run.stderr, lines, run.crash, size)
+            failed.in_lane = in_lane
+            raise failed
+        self._check_key(source, st, lines)
+        self._check_signature(source, st, lines)
+        return st, lines
+
+    def start_early(self, name: str, folder: Path) -> EarlyDecryption | None:
+        """Start decrypting a file while it is still arriving; None if gpg cannot start.
+
+        The caller feeds it the file's bytes in order and then calls ``finish``; any doubt
+        (gpg refused, stalled, the disk filled) makes ``finish`` return None, and the file is
+        then decrypted from the inbox as usual, where a real failure gets its full report. It
+        runs in the home itself, not a lane: the key operation is over within the first
+        kilobytes, and a lane held for a whole download would sit idle.
+        """
+        gpg = self._open()
+        args = [
+            "--decrypt",
+            "--output",
+            "-",
+            "--trust-model",
+            "always",
+            "--no-auto-key-retrieve",
+        ]
+        command = gpg.make_args(args, self._passphrase is not None)
+        secret = b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
+        try:
+            return EarlyDecryption(self, name, folder, command, gpg.env, secret)
+        except OSError as exc:
+            log.info("cannot decrypt %s while it downloads: %s", name, exc.strerror or exc)
+            return None
 
     def _check_key(self, source: Path, st: GpgStatus, lines: tuple[str, ...]) -> None:
         """Refuse a file decrypted with an expired or revoked key of ours (see the module doc)."""
@@ -858,10 +882,7 @@ def _run_gpg(
     gpg is killed and reaped before an error leaves, so no gpg outlives a failed write.
     """
     digest = hashlib.sha256()
-    read_end, write_end = os.pipe()
-    if _F_SETPIPE_SZ is not None:
-        with contextlib.suppress(OSError):  # fewer, larger reads; best effort
-            fcntl.fcntl(read_end, _F_SETPIPE_SZ, _PIPE_BYTES)
+    read_end, write_end = _plaintext_pipe()
     try:
         process = subprocess.Popen(
             command,
@@ -883,22 +904,12 @@ def _run_gpg(
         target=_read_all, args=(process.stderr, errors), name="gpg-stderr", daemon=True
     )
     reader.start()
-    written = 0
     try:
         with contextlib.suppress(BrokenPipeError):  # gpg may refuse before reading it
             process.stdin.write(secret)
         with contextlib.suppress(BrokenPipeError):
             process.stdin.close()
-        writeback = Writeback(sink.fileno())
-        buffer = bytearray(_PIPE_BYTES)
-        view = memoryview(buffer)
-        while count := os.readv(read_end, [buffer]):
-            chunk = view[:count]
-            digest.update(chunk)  # hashlib releases the GIL: this overlaps gpg's work
-            while chunk:
-                chunk = chunk[sink.write(chunk) or 0 :]
-            written += count
-            writeback.written(written)
+        written = _pump_plaintext(read_end, sink, digest)
     except BaseException:
         process.kill()
         raise
@@ -908,6 +919,217 @@ def _run_gpg(
         reader.join()
     stderr = b"".join(errors).decode("utf-8", "replace")
     return _GpgRun(process.returncode, stderr, None, written, digest.hexdigest())
+
+
+def _plaintext_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+    if _F_SETPIPE_SZ is not None:
+        with contextlib.suppress(OSError):  # fewer, larger reads; best effort
+            fcntl.fcntl(read_end, _F_SETPIPE_SZ, _PIPE_BYTES)
+    return read_end, write_end
+
+
+def _pump_plaintext(read_end: int, sink: io.FileIO, digest: hashlib._Hash) -> int:
+    """Copy what gpg writes into ``sink`` until it closes the pipe, hashing it; bytes copied."""
+    written = 0
+    writeback = Writeback(sink.fileno())
+    buffer = bytearray(_PIPE_BYTES)
+    view = memoryview(buffer)
+    while count := os.readv(read_end, [buffer]):
+        chunk = view[:count]
+        digest.update(chunk)  # hashlib releases the GIL: this overlaps gpg's work
+        while chunk:
+            chunk = chunk[sink.write(chunk) or 0 :]
+        written += count
+        writeback.written(written)
+    return written
+
+
+def _decrypted(output: Path, run: _GpgRun, st: GpgStatus, lines: tuple[str, ...]) -> Decrypted:
+    signature, signer = st.signature()
+    return Decrypted(
+        output=output,
+        sha256=run.sha256,
+        size=run.written,
+        integrity=st.integrity() or "",
+        recipients=tuple(dict.fromkeys(st.recipients)),
+        signature=signature,
+        signer_fingerprint=signer,
+        status_lines=lines,
+    )
+
+
+class EarlyDecryption:
+    """One gpg decrypting a file as its bytes arrive (see :meth:`Decryptor.start_early`).
+
+    gpg reads the ciphertext from a pipe that :meth:`feed` fills, and the passphrase from a pipe
+    of its own; its plaintext goes through a thread that hashes it and writes it to a 0600
+    temporary file in ``folder``. A feed that cannot go on (gpg exited, or read nothing for
+    FEED_STALL_S) gives up on the early decryption and never on the download.
+    """
+
+    FEED_STALL_S = 30.0
+
+    def __init__(
+        self,
+        decryptor: Decryptor,
+        name: str,
+        folder: Path,
+        command: list[str],
+        env: Mapping[str, str],
+        secret: bytes,
+    ) -> None:
+        self._decryptor = decryptor
+        self.name = name
+        self.failed: str | None = None  # why the early decryption was given up
+        self._digest = hashlib.sha256()
+        self._written = 0
+        self._pump_error: OSError | None = None
+        self._errors: list[bytes] = []
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".early")
+        self.output = Path(tmp)
+        self._sink = os.fdopen(fd, "wb", buffering=0)
+        read_end, write_end = _plaintext_pipe()
+        secret_read, secret_write = os.pipe()
+        try:
+            os.write(secret_write, secret)  # far below a pipe's capacity: never blocks
+            os.close(secret_write)
+            secret_write = -1
+            if secret:  # gpg reads the passphrase from its own pipe: stdin is the ciphertext
+                command = list(command)
+                command[command.index("--passphrase-fd") + 1] = str(secret_read)
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                env=dict(env),
+                pass_fds=(secret_read,),
+            )
+        except BaseException:
+            os.close(read_end)
+            self._sink.close()
+            self.output.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(write_end)
+            os.close(secret_read)
+            if secret_write >= 0:
+                os.close(secret_write)
+        assert self._process.stdin is not None and self._process.stderr is not None
+        self._stdin = self._process.stdin.fileno()
+        os.set_blocking(self._stdin, False)  # so that a stalled gpg cannot stall the download
+        if _F_SETPIPE_SZ is not None:
+            with contextlib.suppress(OSError):  # a read reply fits: fewer waits for gpg
+                fcntl.fcntl(self._stdin, _F_SETPIPE_SZ, _PIPE_BYTES)
+        self._threads = [
+            threading.Thread(target=self._pump, args=(read_end,), name="gpg-early", daemon=True),
+            threading.Thread(
+                target=_read_all,
+                args=(self._process.stderr, self._errors),
+                name="gpg-early-stderr",
+                daemon=True,
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Hand gpg the next bytes of the file; gives up (and returns) rather than stall."""
+        if self.failed is not None:
+            return
+        view = memoryview(data)
+        deadline: float | None = None
+        while view:
+            try:
+                view = view[os.write(self._stdin, view) :]
+                deadline = None
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:  # EPIPE: gpg stopped reading (refused the file, or died)
+                self._give_up(f"gpg stopped reading: {exc.strerror or exc}")
+                return
+            now = time.monotonic()
+            deadline = deadline or now + self.FEED_STALL_S
+            if now >= deadline:
+                self._give_up(f"gpg read nothing for {self.FEED_STALL_S:g} s")
+                return
+            select.select([], [self._stdin], [], min(1.0, deadline - now))
+
+    def finish(self, source: Path) -> Decrypted | None:
+        """End of the file: gpg's verdict on it, as :meth:`Decryptor.decrypt` would give, or
+        None (logged) when the file must be decrypted from ``source`` the usual way."""
+        self._close_stdin()
+        try:
+            self._process.wait(timeout=self.FEED_STALL_S)
+        except subprocess.TimeoutExpired:
+            self._give_up(f"gpg did not finish within {self.FEED_STALL_S:g} s of the last byte")
+        self._reap()
+        if self.failed is None and self._pump_error is not None:
+            error = self._pump_error
+            self.failed = f"cannot write the plaintext: {error.strerror or error}"
+        if self.failed is not None:
+            self._fall_back()
+            return None
+        stderr = b"".join(self._errors).decode("utf-8", "replace")
+        run = _GpgRun(
+            self._process.returncode, stderr, None, self._written, self._digest.hexdigest()
+        )
+        try:
+            st, lines = self._decryptor._verdict(source, run, in_lane=False)
+            os.fsync(self._sink.fileno())
+        except (DecryptFailed, OSError) as exc:
+            self.failed = exc.message if isinstance(exc, DecryptFailed) else str(exc)
+            self._fall_back()
+            return None
+        self._sink.close()
+        return _decrypted(self.output, run, st, lines)
+
+    def abandon(self) -> None:
+        """The download did not complete: stop gpg and delete what it wrote."""
+        self._give_up("the download did not complete")
+        self._reap()
+        self._discard()
+
+    def _pump(self, read_end: int) -> None:
+        try:
+            self._written = _pump_plaintext(read_end, self._sink, self._digest)
+        except OSError as exc:  # say the disk is full: gpg must not stall the feed for it
+            self._pump_error = exc
+            self._process.kill()
+            while os.read(read_end, _PIPE_BYTES):  # drain, so gpg's last write returns
+                pass
+        finally:
+            os.close(read_end)
+
+    def _give_up(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+        self._process.kill()
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        assert self._process.stdin is not None
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+
+    def _reap(self) -> None:
+        self._process.wait()
+        for thread in self._threads:
+            thread.join()
+
+    def _fall_back(self) -> None:
+        log.info(
+            "decrypting %s from the inbox: decrypting it while it downloaded failed (%s)",
+            self.name,
+            self.failed,
+        )
+        self._discard()
+
+    def _discard(self) -> None:
+        self._sink.close()
+        self.output.unlink(missing_ok=True)
 
 
 def _read_all(stream: IO[bytes], into: list[bytes]) -> None:

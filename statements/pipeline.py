@@ -9,6 +9,7 @@ next run repairs the gap between rename and commit without downloading again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import hashlib
 import logging
@@ -37,7 +38,7 @@ from statements.archive import (
     unpack,
 )
 from statements.config import Config
-from statements.decrypt import Decryptor
+from statements.decrypt import Decrypted, Decryptor, EarlyDecryption
 from statements.errors import DiskFull, ExitCode, KeyProblem, RemoteError, StatementsError
 from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
@@ -53,6 +54,9 @@ _HASH_CHUNK = 1024 * 1024
 MAX_ATTEMPTS = 200
 # Files committed to the ledger in one transaction, at most.
 _COMMIT_BATCH = 256
+# `run` decrypts files at least this big while they download (EarlyDecryptions); smaller ones
+# overlap well enough file by file, and each early decryption costs a gpg held for a download.
+EARLY_DECRYPT_BYTES = 16 << 20
 
 
 class FetchProgress(Protocol):
@@ -169,18 +173,67 @@ def sha256_of(path: Path, limit: int | None = None) -> hashlib._Hash:
 
 
 class _HashingSink:
-    """Writes through to the .part file and hashes what it writes."""
+    """Writes through to the .part file, hashes what it writes and feeds an early decryption."""
 
-    def __init__(self, handle: BinaryIO, digest: hashlib._Hash) -> None:
+    def __init__(
+        self, handle: BinaryIO, digest: hashlib._Hash, early: EarlyDecryption | None
+    ) -> None:
         self.handle = handle
         self.digest = digest
+        self.early = early
         self.written = 0
 
     def write(self, data: bytes) -> int:
         self.handle.write(data)
         self.digest.update(data)
+        if self.early is not None:
+            self.early.feed(data)
         self.written += len(data)
         return len(data)
+
+
+class EarlyDecryptions:
+    """`run` decrypts a big file while it downloads, instead of after: fetch and gpg overlap.
+
+    A fetch worker starts one for each file of at least ``min_bytes`` that it downloads from
+    the start, feeds it the bytes it writes to the .part, and once the file has landed in the
+    inbox leaves the verified plaintext here; the archiver takes it instead of decrypting the
+    inbox file. Whatever goes wrong with one only means that file is decrypted the usual way.
+    """
+
+    def __init__(
+        self, decryptor: Decryptor, folder: Path, min_bytes: int = EARLY_DECRYPT_BYTES
+    ) -> None:
+        self.decryptor = decryptor
+        self.folder = folder
+        self.min_bytes = min_bytes
+        self._ready: dict[str, Decrypted] = {}
+        self._lock = threading.Lock()
+
+    def start(self, remote: RemoteFile, inbox_name: str) -> EarlyDecryption | None:
+        if remote.size < self.min_bytes:
+            return None
+        log.debug("decrypting %s while it downloads", remote.relative)
+        _private_dir(self.folder.parent)  # mkdir's parents get 0777-umask: make each one
+        return self.decryptor.start_early(inbox_name, _private_dir(self.folder))
+
+    def landed(self, inbox_name: str, decrypted: Decrypted) -> None:
+        with self._lock:
+            self._ready[inbox_name] = decrypted
+
+    def take(self, inbox_name: str) -> Decrypted | None:
+        with self._lock:
+            return self._ready.pop(inbox_name, None)
+
+    def discard(self) -> None:
+        """Delete the plaintexts nobody took (the run stopped before archiving them), and
+        the folder once empty."""
+        with self._lock:
+            ready, self._ready = self._ready, {}
+        for decrypted in ready.values():
+            decrypted.output.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there, or a worker's file still in it
+            self.folder.rmdir()
 
 
 class _Stopped(Exception):
@@ -204,8 +257,12 @@ def download_one(
     planned: PlannedFetch,
     inbox: Path,
     progress: Callable[[int], None],
+    early: EarlyDecryptions | None = None,
 ) -> _Done:
-    """Download into NAME.part (resuming), verify the size, fsync, rename to NAME."""
+    """Download into NAME.part (resuming), verify the size, fsync, rename to NAME.
+
+    With ``early``, a file downloaded from its first byte may be decrypted on the way.
+    """
     remote = planned.remote
     final = inbox / planned.inbox_name
     part = inbox / (planned.inbox_name + PART_SUFFIX)
@@ -213,28 +270,38 @@ def download_one(
     digest = sha256_of(part, offset) if offset else hashlib.sha256()
     if offset:
         log.info("resuming %s at byte %d of %d", remote.relative, offset, remote.size)
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+b") as handle:
-        handle.seek(offset)
-        handle.truncate()
-        sink = _HashingSink(handle, digest)
-        try:
-            session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            handle.flush()
-            # The .part's mtime records which remote version its bytes belong to.
-            os.utime(part, (remote.mtime, remote.mtime))
-            if handle.tell() == 0 and remote.size:
-                part.unlink()  # nothing to resume from: leave no clutter
-    size = part.stat().st_size
-    if size != remote.size:
-        if size > remote.size:
-            part.unlink()
-        raise Transient(f"{remote.relative}: got {size} bytes, the server said {remote.size}")
-    part.replace(final)
+    stream = early.start(remote, planned.inbox_name) if early and not offset else None
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+b") as handle:
+            handle.seek(offset)
+            handle.truncate()
+            sink = _HashingSink(handle, digest, stream)
+            try:
+                session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                handle.flush()
+                # The .part's mtime records which remote version its bytes belong to.
+                os.utime(part, (remote.mtime, remote.mtime))
+                if handle.tell() == 0 and remote.size:
+                    part.unlink()  # nothing to resume from: leave no clutter
+        size = part.stat().st_size
+        if size != remote.size:
+            if size > remote.size:
+                part.unlink()
+            raise Transient(f"{remote.relative}: got {size} bytes, the server said {remote.size}")
+        part.replace(final)
+    except BaseException:
+        if stream is not None:
+            stream.abandon()
+        raise
     # The rename becomes durable with the fsync of the inbox that precedes the file's ledger row.
+    if stream is not None and early is not None:
+        decrypted = stream.finish(final)
+        if decrypted is not None:
+            early.landed(planned.inbox_name, decrypted)
     return _Done(planned, digest.hexdigest(), sink.written)
 
 
@@ -270,10 +337,12 @@ def fetch_new(
     dry_run: bool = False,
     stop: threading.Event | None = None,
     on_landed: Callable[[], None] | None = None,
+    early: EarlyDecryptions | None = None,
 ) -> FetchSummary:
     """Fetch every new remote file into the inbox; the ledger knows each one afterwards.
 
-    ``on_landed`` is called after each file is committed (the archiver waits on it).
+    ``on_landed`` is called after each file is committed (the archiver waits on it); with
+    ``early``, big files are decrypted as they download.
     """
     started = time.monotonic()
     progress = progress or NoProgress()
@@ -318,6 +387,7 @@ def fetch_new(
                 progress=progress,
                 stop=stop,
                 on_landed=on_landed or (lambda: None),
+                early=early,
             )
     finally:
         first.close()
@@ -399,6 +469,7 @@ def _download_all(
     progress: FetchProgress,
     stop: threading.Event,
     on_landed: Callable[[], None],
+    early: EarlyDecryptions | None,
 ) -> None:
     """Worker threads download; this thread alone commits to the ledger, as each file lands."""
     work: queue.Queue[PlannedFetch] = queue.Queue()
@@ -417,7 +488,7 @@ def _download_all(
                     return
                 results.put(
                     _fetch_with_retries(
-                        store, sessions, index, item, inbox, retries, progress, stop
+                        store, sessions, index, item, inbox, retries, progress, stop, early
                     )
                 )
         finally:
@@ -470,6 +541,7 @@ def _fetch_with_retries(
     retries: int,
     progress: FetchProgress,
     stop: threading.Event,
+    early: EarlyDecryptions | None = None,
 ) -> _Done | _Abandoned | tuple[PlannedFetch, str]:
     """Attempts that move the file forward are free; ``retries`` bounds those that do not.
 
@@ -493,7 +565,7 @@ def _fetch_with_retries(
             session = sessions[index]
             if session is None:
                 session = sessions[index] = store.connect()
-            done = download_one(session, item, inbox, advanced)
+            done = download_one(session, item, inbox, advanced, early)
             progress.finished_file(item.remote, time.monotonic() - started)
             return done
         except _Stopped:
@@ -649,6 +721,7 @@ class ArchiveJob:
     keep_encrypted: bool
     run_id: int | None
     workers: int = 1  # files archived at once (the decryptor must be thread-safe for > 1)
+    early: EarlyDecryptions | None = None  # plaintexts decrypted while they downloaded
 
 
 def archive_inbox(
@@ -738,7 +811,13 @@ def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: Archi
     try:
         plain_name = plaintext_name(remote_name)
         plaintext = work / plain_name
-        decrypted = job.decryptor.decrypt(source, plaintext)
+        early = job.early.take(row.inbox_name) if job.early is not None else None
+        decrypted: DecryptResult
+        if early is not None:
+            early.output.replace(plaintext)  # same file system: both in the work folder
+            decrypted = early
+        else:
+            decrypted = job.decryptor.decrypt(source, plaintext)
         produced = unpack(plaintext, plain_name, work / "members", job.limits)
         bundle = parse_report_name(plain_name)
         fetched_on = date.fromisoformat(ledger.fetched_at(row.id)[:10])
@@ -1000,6 +1079,7 @@ def run_from_config(
     with decryptor, Ledger.open(root) as ledger:
         run_id = ledger.start_run("run")
         repair_archive_state(ledger, root, keep_encrypted=cfg.archive.keep_encrypted)
+        early = EarlyDecryptions(decryptor, root / WORK / "early", EARLY_DECRYPT_BYTES)
         job = ArchiveJob(
             root,
             decryptor,
@@ -1007,6 +1087,7 @@ def run_from_config(
             cfg.archive.keep_encrypted,
             run_id,
             archive_workers(lanes),
+            early,
         )
         landed = threading.Event()
         stop = stop or threading.Event()
@@ -1024,12 +1105,15 @@ def run_from_config(
                 progress=progress,
                 stop=stop,
                 on_landed=landed.set,
+                early=early,
             )
         except StatementsError as exc:
             archiver.finish()
+            early.discard()
             _failed(ledger, run_id, exc, RunCounts(archived=archiver.summary.archived_files))
             raise
         archiver.finish()
+        early.discard()  # what a stop left untaken; a crash leaves it to the next run's repair
         if archiver.error is not None:
             _failed(ledger, run_id, archiver.error, RunCounts(fetched=fetch.fetched))
             raise archiver.error

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import sqlite3
@@ -130,6 +131,23 @@ def archive_tree(root: Path) -> dict[str, str]:
         and not p.relative_to(root).parts[0].startswith(".")
         and not p.name.startswith("index.sqlite3")
     }
+
+
+def gpg_children() -> list[int]:
+    """Process ids of the gpg processes this process started that still exist (zombies too)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        command = stat[stat.index("(") + 1 : stat.rindex(")")]
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if parent == os.getpid() and command == "gpg":
+            found.append(int(entry.name))
+    return found
 
 
 def assert_consistent(root: Path) -> None:

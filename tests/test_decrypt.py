@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import resource
 import shutil
 import stat
@@ -29,11 +30,13 @@ from statements.decrypt import (
     Decrypted,
     DecryptFailed,
     Decryptor,
+    EarlyDecryption,
     failure_kind,
     parse_status,
 )
 from statements.errors import ExitCode, KeyProblem
 from statements.keys.pgp import generate_pgp_key, stop_agent
+from tests.harness import gpg_children
 
 integration = pytest.mark.integration
 
@@ -1021,3 +1024,96 @@ def test_a_lane_folder_too_deep_for_a_socket_is_not_used(
     assert [sha256(o) for o in outputs] == [sha256(world.plain)] * 2
     assert "too long for a socket" in caplog.text
     assert not deep.exists()
+
+
+# --- decrypting while the file arrives (EarlyDecryption) -------------------------------------
+
+
+def feed_in_pieces(dec: Decryptor, data: bytes, folder: Path) -> EarlyDecryption:
+    early = dec.start_early("f.pgp", folder)
+    assert early is not None
+    rng = random.Random(len(data))
+    at = 0
+    while at < len(data):  # odd sizes, as SFTP replies come: 1 byte to 300 KiB
+        size = rng.choice((1, 7, 4096, 32768, 300_000))
+        early.feed(data[at : at + size])
+        at += size
+    return early
+
+
+@integration
+@pytest.mark.parametrize(
+    "case", ["good", "signed-required", "stranger", "truncated", "no-mdc", "not-pgp"]
+)
+def test_early_decryption_gives_what_decrypt_gives_or_nothing(
+    world: World, tmp_path: Path, out_dir: Path, case: str
+) -> None:
+    """Whatever the file, the early result is the usual one, or None where decrypt refuses."""
+    opts: dict[str, tuple[str, ...]] = {"no-mdc": ("--rfc2440",), "signed-required": ("--sign",)}
+    to = (world.stranger_fpr,) if case == "stranger" else ()
+    source = encrypt(world, tmp_path / "f.pgp", *opts.get(case, ()), to=to)
+    if case == "truncated":
+        source.write_bytes(source.read_bytes()[:-200])
+    elif case == "not-pgp":
+        source.write_bytes(b"<html>Service unavailable</html>\n" * 1000)
+    signers = (world.sender_fpr,) if case == "signed-required" else ()
+    dec = decryptor(world, signer_fingerprints=signers)
+    early_folder = tmp_path / "early"
+    early_folder.mkdir()
+
+    early = feed_in_pieces(dec, source.read_bytes(), early_folder).finish(source)
+    try:
+        usual: Decrypted | None = dec.decrypt(source, out_dir / "plain.xml")
+    except DecryptFailed:
+        usual = None
+
+    assert (early is None) == (usual is None) == (case not in ("good", "signed-required"))
+    if early is not None and usual is not None:
+        assert early.output.read_bytes() == PLAINTEXT == usual.output.read_bytes()
+        assert (early.sha256, early.size, early.signature, early.signer_fingerprint) == (
+            usual.sha256,
+            usual.size,
+            usual.signature,
+            usual.signer_fingerprint,
+        )
+        assert stat.S_IMODE(early.output.stat().st_mode) == 0o600
+        early.output.unlink()
+    assert list(early_folder.iterdir()) == []  # a refused early plaintext is deleted
+    assert gpg_children() == []
+
+
+@integration
+def test_an_abandoned_early_decryption_leaves_no_gpg_and_no_file(
+    world: World, tmp_path: Path
+) -> None:
+    data = encrypt(world, tmp_path / "f.pgp").read_bytes()
+    early = feed_in_pieces(decryptor(world), data[: len(data) // 2], tmp_path)
+    early.abandon()
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pgp"]
+    assert gpg_children() == []
+
+
+@integration
+def test_a_gpg_that_stops_reading_never_stalls_the_download(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gpg that answers --version (python-gnupg asks) but reads nothing when decrypting,
+    # as one waiting forever on a stuck agent would.
+    wrapper = tmp_path / "gpg"
+    wrapper.write_text(
+        '#!/bin/sh\ncase " $* " in *" --decrypt "*) exec sleep 60;; esac\nexec gpg "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(EarlyDecryption, "FEED_STALL_S", 0.5)
+    dec = Decryptor(world.ours, passphrase=PASSPHRASE, gpg_binary=str(wrapper))
+    folder = tmp_path / "early"
+    folder.mkdir()
+    early = dec.start_early("f.pgp", folder)
+    assert early is not None
+    started = time.monotonic()
+    for _ in range(64):  # 8 MiB, far more than a pipe holds
+        early.feed(b"x" * (128 << 10))
+    assert time.monotonic() - started < 5
+    assert early.failed == "gpg read nothing for 0.5 s"
+    assert early.finish(tmp_path / "f.pgp") is None
+    assert list(folder.iterdir()) == []
