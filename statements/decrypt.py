@@ -1055,7 +1055,9 @@ class EarlyDecryption:
             if now >= deadline:
                 self._give_up(f"gpg read nothing for {self.FEED_STALL_S:g} s")
                 return
-            select.select([], [self._stdin], [], min(1.0, deadline - now))
+            writable = select.poll()  # not select(): a busy process may have fds past 1024
+            writable.register(self._stdin, select.POLLOUT)
+            writable.poll(min(1000, int((deadline - now) * 1000) + 1))
 
     def finish(self, source: Path) -> Decrypted | None:
         """End of the file: gpg's verdict on it, as :meth:`Decryptor.decrypt` would give, or
