@@ -5,6 +5,7 @@ gpg runs in the project's own GnuPG home (``[pgp] gnupg_home``) through
 passphrase, and nothing taken from ``$HOME``. gpg reads the ciphertext file itself and writes the
 plaintext to a pipe; this process hashes it and writes it into a temporary file beside the output
 as it comes (1 MiB at a time, never a whole file in memory), starting the disk writes as it goes.
+:class:`EarlyDecryption` does the same for a file still downloading, fed through gpg's stdin.
 
 A decryption counts only when gpg's status lines prove it (observed with GnuPG 2.2.40):
 
@@ -570,17 +571,8 @@ class Decryptor:
         # _handle_io would also copy the ciphertext through a pipe, about as slow as gpg's own
         # decryption). Only the passphrase goes to stdin. The path is absolute and after "--",
         # so a name that starts with "-" is never read as an option.
-        args = [
-            "--decrypt",
-            "--output",
-            "-",
-            "--trust-model",
-            "always",  # a signature is judged against signer_fingerprints, not the web of trust
-            "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
-            "--",
-            str(source.absolute()),
-        ]
-        secret = b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
+        args = [*_DECRYPT_ARGS, "--", str(source.absolute())]
+        secret = self._secret()
         # The lane is held only while gpg runs: the checks, fsync and rename below leave its
         # agent free for the next file.
         gpg, lane = self._take(home_only=home_only)
@@ -636,21 +628,15 @@ class Decryptor:
         kilobytes, and a lane held for a whole download would sit idle.
         """
         gpg = self._open()
-        args = [
-            "--decrypt",
-            "--output",
-            "-",
-            "--trust-model",
-            "always",
-            "--no-auto-key-retrieve",
-        ]
-        command = gpg.make_args(args, self._passphrase is not None)
-        secret = b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
+        command = gpg.make_args(list(_DECRYPT_ARGS), self._passphrase is not None)
         try:
-            return EarlyDecryption(self, name, folder, command, gpg.env, secret)
+            return EarlyDecryption(self, name, folder, command, gpg.env, self._secret())
         except OSError as exc:
             log.info("cannot decrypt %s while it downloads: %s", name, exc.strerror or exc)
             return None
+
+    def _secret(self) -> bytes:
+        return b"" if self._passphrase is None else f"{self._passphrase}\n".encode()
 
     def _check_key(self, source: Path, st: GpgStatus, lines: tuple[str, ...]) -> None:
         """Refuse a file decrypted with an expired or revoked key of ours (see the module doc)."""
@@ -870,6 +856,15 @@ class _GpgRun:
     sha256: str  # of those bytes
 
 
+# gpg's plaintext to a pipe (stdin is the passphrase, or the ciphertext of an early decryption).
+_DECRYPT_ARGS = (
+    "--decrypt",
+    "--output",
+    "-",
+    "--trust-model",
+    "always",  # a signature is judged against signer_fingerprints, not the web of trust
+    "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
+)
 _PIPE_BYTES = 1 << 20  # a pipe that holds what gpg writes while this process hashes
 _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
 
@@ -923,10 +918,15 @@ def _run_gpg(
 
 def _plaintext_pipe() -> tuple[int, int]:
     read_end, write_end = os.pipe()
-    if _F_SETPIPE_SZ is not None:
-        with contextlib.suppress(OSError):  # fewer, larger reads; best effort
-            fcntl.fcntl(read_end, _F_SETPIPE_SZ, _PIPE_BYTES)
+    _widen_pipe(read_end)
     return read_end, write_end
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let the pipe hold _PIPE_BYTES: fewer, larger reads and writes; best effort."""
+    if _F_SETPIPE_SZ is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 def _pump_plaintext(read_end: int, sink: io.FileIO, digest: hashlib._Hash) -> int:
@@ -989,12 +989,13 @@ class EarlyDecryption:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".early")
         self.output = Path(tmp)
         self._sink = os.fdopen(fd, "wb", buffering=0)
-        read_end, write_end = _plaintext_pipe()
-        secret_read, secret_write = os.pipe()
+        opened: list[int] = []  # pipe ends this process must close whatever happens
         try:
+            read_end, write_end = _plaintext_pipe()
+            opened += [read_end, write_end]
+            secret_read, secret_write = os.pipe()
+            opened += [secret_read, secret_write]
             os.write(secret_write, secret)  # far below a pipe's capacity: never blocks
-            os.close(secret_write)
-            secret_write = -1
             if secret:  # gpg reads the passphrase from its own pipe: stdin is the ciphertext
                 command = list(command)
                 command[command.index("--passphrase-fd") + 1] = str(secret_read)
@@ -1006,22 +1007,19 @@ class EarlyDecryption:
                 env=dict(env),
                 pass_fds=(secret_read,),
             )
+            opened.remove(read_end)  # the pump thread's from here on
         except BaseException:
-            os.close(read_end)
-            self._sink.close()
-            self.output.unlink(missing_ok=True)
+            self._discard()
             raise
         finally:
-            os.close(write_end)
-            os.close(secret_read)
-            if secret_write >= 0:
-                os.close(secret_write)
+            for end in opened:
+                os.close(end)
         assert self._process.stdin is not None and self._process.stderr is not None
         self._stdin = self._process.stdin.fileno()
         os.set_blocking(self._stdin, False)  # so that a stalled gpg cannot stall the download
-        if _F_SETPIPE_SZ is not None:
-            with contextlib.suppress(OSError):  # a read reply fits: fewer waits for gpg
-                fcntl.fcntl(self._stdin, _F_SETPIPE_SZ, _PIPE_BYTES)
+        _widen_pipe(self._stdin)  # a read reply fits: fewer waits for gpg
+        self._writable = select.poll()  # not select(): a busy process may have fds past 1024
+        self._writable.register(self._stdin, select.POLLOUT)
         self._threads = [
             threading.Thread(target=self._pump, args=(read_end,), name="gpg-early", daemon=True),
             threading.Thread(
@@ -1055,9 +1053,7 @@ class EarlyDecryption:
             if now >= deadline:
                 self._give_up(f"gpg read nothing for {self.FEED_STALL_S:g} s")
                 return
-            writable = select.poll()  # not select(): a busy process may have fds past 1024
-            writable.register(self._stdin, select.POLLOUT)
-            writable.poll(min(1000, int((deadline - now) * 1000) + 1))
+            self._writable.poll(min(1000, int((deadline - now) * 1000) + 1))
 
     def finish(self, source: Path) -> Decrypted | None:
         """End of the file: gpg's verdict on it, as :meth:`Decryptor.decrypt` would give, or
