@@ -31,32 +31,55 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 class Writeback:
-    """Starts the disk write of a growing file as it grows, so its final fsync is short.
+    """Writes a growing file to disk as it grows and lets the page cache forget what is written.
 
-    Without it a big plaintext sits dirty in the page cache until ``fsync``, which then writes
-    it all at once (0.55 s of a 2.4 s gpg decryption of 1 GiB here). Linux's
-    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` queues the written range for writeback without
-    waiting; it promises no durability, so the caller still fsyncs at the end. Elsewhere (or if
-    the call is missing) this does nothing and the fsync does all the work, as before.
+    Without it a big file sits dirty in the page cache until ``fsync``, which then writes it all
+    at once (0.55 s of a 2.4 s gpg decryption of 1 GiB here), and every written page stays
+    cached: a 1 GiB report took 1 GiB of fresh page cache, and fresh pages are dear (on the
+    VMs measured, 1.6-2.1 s of system time per GiB, against 0.3 s when the same pages are
+    reused). Every STEP this queues the new bytes for writeback
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, no waiting), waits for the previous step's
+    writeback and drops those now clean pages (``POSIX_FADV_DONTNEED``), so a file of any size
+    holds about two steps of cache and the next step reuses the pages just freed. The archive
+    is written once and seldom read: keeping it cached would only evict what the user reads.
+
+    None of this promises durability; the caller still fsyncs at the end. Elsewhere than Linux
+    (or if the call is missing) this does nothing and the fsync does all the work, as before.
     """
 
     STEP = 8 << 20  # bytes written between two writeback requests
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, offset: int = 0) -> None:
         self.fd = fd
-        self.started = 0  # bytes whose writeback was requested
+        self.started = offset  # bytes whose writeback was requested
+        self.dropped = offset  # bytes written to disk and dropped from the page cache
 
     def written(self, total: int) -> None:
-        """``total`` bytes of the file are written: queue what is new once a step is reached."""
+        """``total`` bytes of the file are written: queue what is new once a step is reached.
+
+        Raises OSError if the disk reported an error writing an earlier step: the wait below
+        consumes that error, so the final fsync would no longer see it.
+        """
         if total - self.started < self.STEP or _sync_file_range is None:
             return
-        # Best effort: an error here (say EIO) is the final fsync's to report, not ours.
-        _sync_file_range(self.fd, self.started, total - self.started, _SYNC_FILE_RANGE_WRITE)
+        _checked(_sync_file_range(self.fd, self.started, total - self.started, _WRITE))
+        if self.started > self.dropped:
+            length = self.started - self.dropped
+            _checked(_sync_file_range(self.fd, self.dropped, length, _WAIT_AND_WRITE))
+            # The kernel keeps a partly covered last page, so appending to it never re-reads.
+            os.posix_fadvise(self.fd, self.dropped, length, os.POSIX_FADV_DONTNEED)
+            self.dropped = self.started
         self.started = total
 
 
+def _checked(result: int) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def _load_sync_file_range() -> ctypes._NamedFuncPointer | None:
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -68,7 +91,9 @@ def _load_sync_file_range() -> ctypes._NamedFuncPointer | None:
     return call
 
 
-_SYNC_FILE_RANGE_WRITE = 2
+# sync_file_range(2) flags
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+_WAIT_AND_WRITE = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
 _sync_file_range = _load_sync_file_range()
 
 

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import operator
 import os
@@ -24,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from statements.archive import (
     Produced,
@@ -40,7 +41,7 @@ from statements.archive import (
 from statements.config import Config
 from statements.decrypt import Decrypted, Decryptor, EarlyDecryption
 from statements.errors import DiskFull, ExitCode, KeyProblem, RemoteError, StatementsError
-from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, fsync_dir
+from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, Writeback, atomic_write, fsync_dir
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
 from statements.store import Listing, RemoteFile, RemoteSession, RemoteStore, Transient
@@ -173,22 +174,31 @@ def sha256_of(path: Path, limit: int | None = None) -> hashlib._Hash:
 
 
 class _HashingSink:
-    """Writes through to the .part file, hashes what it writes and feeds an early decryption."""
+    """Writes through to the .part file, hashes what it writes and feeds an early decryption.
+
+    The .part is unbuffered: each SFTP read goes straight to the file, so the writeback below
+    always knows how many bytes the file holds.
+    """
 
     def __init__(
-        self, handle: BinaryIO, digest: hashlib._Hash, early: EarlyDecryption | None
+        self, handle: io.FileIO, offset: int, digest: hashlib._Hash, early: EarlyDecryption | None
     ) -> None:
         self.handle = handle
         self.digest = digest
         self.early = early
         self.written = 0
+        self._offset = offset
+        self._writeback = Writeback(handle.fileno(), offset)
 
     def write(self, data: bytes) -> int:
-        self.handle.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[self.handle.write(view) or 0 :]
         self.digest.update(data)
         if self.early is not None:
             self.early.feed(data)
         self.written += len(data)
+        self._writeback.written(self._offset + self.written)
         return len(data)
 
 
@@ -273,16 +283,14 @@ def download_one(
     stream = early.start(remote, planned.inbox_name) if early and not offset else None
     try:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "r+b") as handle:
+        with os.fdopen(fd, "r+b", buffering=0) as handle:
             handle.seek(offset)
             handle.truncate()
-            sink = _HashingSink(handle, digest, stream)
+            sink = _HashingSink(handle, offset, digest, stream)
             try:
                 session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
-                handle.flush()
                 os.fsync(handle.fileno())
             finally:
-                handle.flush()
                 # The .part's mtime records which remote version its bytes belong to.
                 os.utime(part, (remote.mtime, remote.mtime))
                 if handle.tell() == 0 and remote.size:

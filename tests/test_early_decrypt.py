@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from statements import config, pipeline
-from statements.decrypt import Decryptor
+from statements.decrypt import _PIPE_BYTES, Decryptor
 from statements.errors import ExitCode
+from statements.fsutil import Writeback
 from statements.ledger import Ledger
+from statements.remote import MAX_READ_CHUNK
 from tests import harness
 from tests.clitools import PGP_PASSPHRASE, Project
 from tests.harness import make_sender, sha, sshd_project, stranger_key
@@ -74,6 +76,9 @@ def test_run_archives_early_decrypted_files_as_a_plain_run_would(
     for name, data in remote.items():
         (sftp_dir / name).write_bytes(data)
     monkeypatch.setattr(pipeline, "EARLY_DECRYPT_BYTES", 1)  # every file, however small
+    # Page-cache drops every 16 KiB, so that these reports (0.7 MiB compressed and encrypted,
+    # 3 MiB plain) take the big-file path.
+    monkeypatch.setattr(Writeback, "STEP", 16 << 10)
     decrypted_from_inbox: list[str] = []
     decrypt = Decryptor.decrypt
 
@@ -92,6 +97,24 @@ def test_run_archives_early_decrypted_files_as_a_plain_run_would(
 
     archive = early_project.root / "archive"
     assert cycle.exit_code == ExitCode.PARTIAL
+    # Both the ciphertext and the plaintext of the big reports left the page cache as they were
+    # written (checked before anything below reads them; tmpfs keeps every page whatever we
+    # ask, so there is nothing to check there).
+    if harness.filesystem_type(archive) != "tmpfs":
+        # At most two steps, the bytes since the last one and one write: an SFTP read (up to
+        # 256 KiB) for the ciphertext, a pipe's worth (1 MiB) for the plaintext.
+        written = {
+            archive / ".encrypted" / "U4698258.Trade_History.20260901.20260901.xml.pgp": (
+                MAX_READ_CHUNK
+            ),
+            archive / "U4698258" / "2026" / "U4698258.Trade_History.20260901.20260901.xml": (
+                _PIPE_BYTES
+            ),
+        }
+        for path, write in written.items():
+            bound = 3 * Writeback.STEP + write
+            assert path.stat().st_size > 2 * bound, path
+            assert harness.cached_bytes(path) <= bound, path
     assert (cycle.fetch.fetched, cycle.archive.archived_files) == (4, 3)
     assert harness.archive_tree(archive) == {
         "U4698258/2026/U4698258.Trade_History.20260901.20260901.xml": sha(trades),
