@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Literal
 
 import paramiko
 
@@ -68,6 +69,7 @@ class Options:
     workers: int | None
     scenarios: tuple[str, ...]
     profile: Path | None
+    memory: Literal["warm", "as-is"]
     compare: tuple[str, Path] | None
     quick: bool
 
@@ -83,6 +85,14 @@ def parse(argv: Sequence[str] | None) -> Options:
         "64 MiB, RSA-2048 PGP key, 1 run",
     )
     parser.add_argument("--runs", type=int, help="runs per tool (default 3)")
+    parser.add_argument(
+        "--memory",
+        choices=("warm", "as-is"),
+        default="warm",
+        help="warm (default): before each run, fault in and free a pool of memory, so that no\n"
+        "run pays the host for fresh pages while another does (see bench/scenarios.py);\n"
+        "as-is: leave memory as the run before left it",
+    )
     parser.add_argument("--history", type=int, help="reports already archived (default 20000)")
     parser.add_argument("--small-history", type=int, help="the no-op's small history (200)")
     parser.add_argument("--new", type=int, help="new reports in the nightly (default 50)")
@@ -156,6 +166,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         workers=args.workers,
         scenarios=chosen,
         profile=args.profile,
+        memory=args.memory,
         compare=compare,
         quick=quick,
     )
@@ -337,7 +348,7 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
             say(f"archiving the small history: {corpora.small_history.count:,} reports")
             small, _ = make_history(ctx, "small-history", corpora.small_history, o)
 
-    runner = Runner(work, o.runs)
+    runner = Runner(work, o.runs, o.memory)
     done: list[Scenario] = []
     profiles: list[Path] = []
     for key in o.scenarios:
@@ -379,6 +390,12 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
             f"gpg -d of a small report: {unlock['calibrated']:.3f} s with the calibrated key, "
             f"{unlock['fast']:.3f} s re-protected with s2k-count {pgp.FAST_S2K_COUNT:,} "
             f"(median of 5); scenarios 1-4 use: {o.s2k}",
+        ),
+        (
+            "memory",
+            "warm: each run starts with a freshly freed pool of 256 MiB + what it writes"
+            if o.memory == "warm"
+            else "as-is: each run inherits the memory the run before it freed",
         ),
         (
             "corpus",
