@@ -58,6 +58,9 @@ _COMMIT_BATCH = 256
 # `run` decrypts files at least this big while they download (EarlyDecryptions); smaller ones
 # overlap well enough file by file, and each early decryption costs a gpg held for a download.
 EARLY_DECRYPT_BYTES = 16 << 20
+# Files at least this big are written, hashed and fed to gpg on a thread of their own
+# (_BackgroundSink) while the SFTP reader goes on; below it a thread costs more than it saves.
+BACKGROUND_WRITE_BYTES = 4 << 20
 
 
 class FetchProgress(Protocol):
@@ -201,6 +204,62 @@ class _HashingSink:
         self._writeback.written(self._offset + self.written)
         return len(data)
 
+    def drain(self) -> None:
+        """Everything given to :meth:`write` is in the file; raise what writing it raised."""
+
+    def stop(self) -> None:
+        """Like :meth:`drain`, but raises nothing: for the way out after another error."""
+
+
+class _BackgroundSink(_HashingSink):
+    """A _HashingSink whose writing, hashing and gpg feed run on a thread of their own.
+
+    Profiled on 1 GiB, the SFTP reader spent two thirds of its time in them, with no read
+    request sent meanwhile: the server went quiet while the file was written. Here the reader
+    only queues each reply (at most QUEUE_REPLIES, 8 MiB of 256 KiB reads) and goes on.
+    hashlib and file writes release the GIL, so the thread runs on the other core.
+    """
+
+    QUEUE_REPLIES = 32
+
+    def __init__(
+        self, handle: io.FileIO, offset: int, digest: hashlib._Hash, early: EarlyDecryption | None
+    ) -> None:
+        super().__init__(handle, offset, digest, early)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_REPLIES)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._write_queued, name="part-writer", daemon=True
+        )
+        self._thread.start()
+
+    def write(self, data: bytes) -> int:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+        return len(data)
+
+    def _write_queued(self) -> None:
+        # After an error, replies are still taken (the reader must never block on a full
+        # queue) but no longer written: the .part ends at the last byte written in order.
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    super().write(data)
+                except BaseException as exc:  # re-raised in the reader's thread
+                    self._error = exc
+
+    def drain(self) -> None:
+        self.stop()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
 
 class EarlyDecryptions:
     """`run` decrypts a big file while it downloads, instead of after: fetch and gpg overlap.
@@ -286,11 +345,14 @@ def download_one(
         with os.fdopen(fd, "r+b", buffering=0) as handle:
             handle.seek(offset)
             handle.truncate()
-            sink = _HashingSink(handle, offset, digest, stream)
+            big = remote.size - offset >= BACKGROUND_WRITE_BYTES
+            sink = (_BackgroundSink if big else _HashingSink)(handle, offset, digest, stream)
             try:
                 session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
+                sink.drain()
                 os.fsync(handle.fileno())
             finally:
+                sink.stop()  # a failed download keeps what was received, for the resume
                 # The .part's mtime records which remote version its bytes belong to.
                 os.utime(part, (remote.mtime, remote.mtime))
                 if handle.tell() == 0 and remote.size:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import random
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from typing import BinaryIO
 
 import pytest
 
+from statements import pipeline
 from statements.archive import UnpackLimits
 from statements.errors import ExitCode, StatementsError
 from statements.ledger import Ledger, ServerId
@@ -87,7 +90,15 @@ def inbox(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / ".inbox").iterdir()}
 
 
-def test_fetch_plans_downloads_commits_and_then_skips(tmp_path: Path) -> None:
+@pytest.fixture(params=["in the reader", "on a writer thread"])
+def either_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a download test with the .part written by the SFTP reader (small files) and by a
+    _BackgroundSink's thread (files of BACKGROUND_WRITE_BYTES and more): same outcome."""
+    if request.param == "on a writer thread":
+        monkeypatch.setattr(pipeline, "BACKGROUND_WRITE_BYTES", 1)
+
+
+def test_fetch_plans_downloads_commits_and_then_skips(tmp_path: Path, either_sink: None) -> None:
     server = FakeServer({f"f{i}.pgp": (bytes([i]) * (5000 + i), 100) for i in range(7)})
     with Ledger.open(tmp_path) as ledger:
         first = fetch(server, tmp_path, ledger)
@@ -99,7 +110,9 @@ def test_fetch_plans_downloads_commits_and_then_skips(tmp_path: Path) -> None:
     assert len(server.downloads) == 7
 
 
-def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(tmp_path: Path) -> None:
+def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(
+    tmp_path: Path, either_sink: None
+) -> None:
     data = bytes(range(256)) * 100
     server = FakeServer({"big.pgp": (data, 5)}, drop_after=9000)
     with Ledger.open(tmp_path) as ledger:
@@ -159,7 +172,9 @@ def test_stop_means_no_new_file_is_started(tmp_path: Path) -> None:
     assert summary.fetched == 0 and server.downloads == []
 
 
-def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(tmp_path: Path) -> None:
+def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(
+    tmp_path: Path, either_sink: None
+) -> None:
     data = bytes(range(256)) * 200
     stop = threading.Event()
     server = FakeServer({"big.pgp": (data, 7), "next.pgp": (b"n" * 100, 7)})
@@ -175,6 +190,38 @@ def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(tmp_path: Path)
         server.stop_after = None
         again = fetch(server, tmp_path, ledger)  # the next run resumes from the .part
     assert summary.fetched + again.fetched == 2 and inbox(tmp_path)["big.pgp"] == data
+
+
+def test_the_writer_thread_writes_and_hashes_every_reply_in_order(tmp_path: Path) -> None:
+    replies = [
+        random.Random(i).randbytes(random.Random(-i).randrange(1, 300_000)) for i in range(300)
+    ]
+    part = tmp_path / "f.part"
+    with part.open("w+b", buffering=0) as handle:
+        handle.write(b"head")  # a resumed download: the sink appends after the offset
+        digest = hashlib.sha256(b"head")
+        sink = pipeline._BackgroundSink(handle, 4, digest, None)
+        for reply in replies:  # far more than the queue holds: the reader waits for the writer
+            assert sink.write(reply) == len(reply)
+        sink.drain()
+        sink.stop()  # a second stop is harmless
+    whole = b"head" + b"".join(replies)
+    assert part.read_bytes() == whole
+    assert (digest.hexdigest(), sink.written) == (hashlib.sha256(whole).hexdigest(), len(whole) - 4)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_write_error_on_the_writer_thread_reaches_the_reader_and_never_blocks_it() -> None:
+    with open("/dev/full", "r+b", buffering=0) as handle:
+        sink = pipeline._BackgroundSink(handle, 0, hashlib.sha256(), None)
+        with pytest.raises(OSError) as raised:
+            # The disk-full error comes back at a later write, or at the latest from drain();
+            # writes after it never wait on a queue that nobody empties.
+            for _ in range(10 * sink.QUEUE_REPLIES):
+                sink.write(b"x" * 4096)
+            sink.drain()
+        sink.stop()
+    assert raised.value.errno == errno.ENOSPC
 
 
 class FakeDecryptor:
