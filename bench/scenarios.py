@@ -32,14 +32,13 @@ from typing import Literal
 
 from bench import clients
 from bench.clients import Login, Target
-from bench.corpus import Corpus, problem_with_archive, problem_with_copy
+from bench.corpus import MIB, Corpus, problem_with_archive, problem_with_copy
 from bench.history import OURS_MUTABLE, State
 from bench.measure import ProcessFailed, Sample, run_measured
 from bench.pgp import Keyring
 from statements.keys.pgp import stop_agent
 
 PROCESS_TIMEOUT_S = 3600.0
-MIB = 1 << 20
 WARM_POOL_FLOOR = 256 * MIB  # the pool before any scenario's own page cache
 Check = Callable[[str], str | None]  # the run's output -> what is wrong, or None
 
@@ -503,9 +502,9 @@ def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -
         )
 
     def ours_decrypt(path: Path) -> Job:
-        # Its ciphertexts cached, as gpg's are: ours leaves a download's pages behind it
-        # (fsutil.Writeback), and a first read from this VM's disk took 2.4-3.4 s where a
-        # cached one took 1.8-2.2 s; the decrypt figure is about decrypting, not the disk.
+        # Its ciphertexts cached, as gpg's are: ours drops a download from the page cache as
+        # it writes it (fsutil.Writeback), and a first read from this VM's disk took 2.4-3.4 s
+        # where a cached one took 1.8-2.2 s; the decrypt figure is about decrypting, not disks.
         job = ours_with_archive("decrypt", fetched_state)(path)
         inbox = path / "project" / "archive" / ".inbox"
         return replace(job, inputs=tuple(inbox / r.remote_name for r in corpus.reports))
@@ -585,6 +584,6 @@ def _with_path(prepare: Callable[[Path], Job], pythonpath: Path) -> Callable[[Pa
     def twin(folder: Path) -> Job:
         job = prepare(folder)
         env = {**job.env, "PYTHONPATH": str(pythonpath)}
-        return Job(job.argv, env, job.cwd, job.check, job.agents)
+        return replace(job, env=env)  # the same job otherwise: agents, inputs
 
     return twin
