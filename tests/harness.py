@@ -189,6 +189,7 @@ def assert_consistent(root: Path) -> None:
 
 
 def filesystem_type(path: Path) -> str:
+    """The type of the file system ``path`` is on ("ext4", "tmpfs"...), from /proc/self/mounts."""
     best, kind = "", ""
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
