@@ -415,6 +415,11 @@ class SftpSession:
         finally:
             self.transport.close()
 
+    def _line_lost(self) -> bool:
+        """The SFTP channel or the whole connection is gone (a cut line, a dead server)."""
+        channel = self.sftp.get_channel()
+        return channel is None or channel.closed or not self.transport.is_active()
+
     def list_files(self) -> Listing:
         files: list[RemoteFile] = []
         refused: list[Refused] = []
@@ -446,6 +451,8 @@ class SftpSession:
         except (TimeoutError, EOFError, paramiko.SSHException) as exc:
             raise Transient(f"listing {folder}: {exc or type(exc).__name__}") from exc
         except OSError as exc:
+            if self._line_lost():  # paramiko's "Socket is closed": the line, not the folder
+                raise Transient(f"listing {folder}: {exc}") from exc
             raise _remote_folder_error(self.settings, folder, exc) from None
         # posixpath.join(folder, name) for a name without "/", once per folder, not per name.
         joined = (

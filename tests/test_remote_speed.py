@@ -267,6 +267,20 @@ def test_a_server_that_stops_answering_mid_listing_is_a_transient_fault(
         connected.close()
 
 
+@pytest.mark.integration
+def test_a_channel_closed_under_the_listing_is_a_transient_fault(session: SftpSession) -> None:
+    # A line cut mid-listing can close the channel before the listing reads an answer; its next
+    # request then fails with paramiko's bare OSError("Socket is closed"). That is a lost line,
+    # retried, not a folder that cannot be listed (CI's listing-cut fault test once got the
+    # latter: "Cannot list the remote folder ...: Socket is closed").
+    channel = session.sftp.get_channel()
+    assert channel is not None
+    channel.close()
+    with pytest.raises(remote.Transient, match="listing") as raised:
+        session.list_files()
+    assert "Socket is closed" in str(raised.value.__cause__)
+
+
 # --- the listing's logic, against a scripted server ------------------------------------------
 
 
