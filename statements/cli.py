@@ -31,9 +31,10 @@ from statements.errors import ExitCode, KeyProblem, StatementsError, UsageError
 from statements.fsutil import PUBLIC_FILE, atomic_write, ensure_private_dir
 from statements.passphrase import PassphraseSource, read_passphrase
 
-# No markup: messages carry "[sftp]"-style keys and paths that rich would read as tags.
-out = Console(soft_wrap=True, highlight=False, markup=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
+# No markup and no emoji: messages carry "[sftp]"-style keys and paths that rich would read as
+# tags, and a folder named "a:smile:b" would print as "a😄b".
+out = Console(soft_wrap=True, highlight=False, markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False, emoji=False)
 log = logging.getLogger("statements")
 
 BACKUP_PASSPHRASE_ENV = "IBKR_BACKUP_PASSPHRASE"

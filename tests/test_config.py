@@ -173,3 +173,14 @@ def test_cli_init_refuses_to_overwrite(empty_project: Project) -> None:
     assert "never overwrites" in result.stderr
     assert empty_project.config.read_text() == before
     assert oct(empty_project.keys.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.integration
+def test_cli_prints_a_folder_name_as_it_is(tmp_path: Path) -> None:
+    # rich would turn ":smile:" into an emoji: the user must see the real path to find it.
+    project = Project(tmp_path / "reports:smile:2026")
+    project.root.mkdir()
+    result = project.run("init")
+    assert result.returncode == 0, result.stderr
+    assert f"Project folder: {project.root};" in result.stdout
+    assert "\N{SMILING FACE WITH OPEN MOUTH AND SMILING EYES}" not in result.stdout
