@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import signal
@@ -760,7 +761,23 @@ _M_ARENA_MAX = -8  # glibc's <malloc.h>
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: run one command and exit with its status (sys.exit)."""
     _fewer_malloc_arenas()
+    # What the imports made (pydantic's schemas above all) lives as long as the process.
+    # Frozen, it is no longer walked by every full collection that the command's own objects
+    # set off (a listing of 20,000 names sets off several): 0.1 CPU-s of a no-op `run` here.
+    gc.freeze()
+    try:
+        _run_command(argv)
+    finally:
+        # The interpreter's last collection would walk everything made since, only to free
+        # memory that the exit frees anyway: 40-60 ms of every command here. atexit handlers
+        # and the flushing of stdout and stderr still run, and nothing of ours is left to a
+        # collector: files, the ledger and the lock are closed by the command itself.
+        gc.freeze()
+
+
+def _run_command(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, prog_name="ibkr-statements", standalone_mode=False)
     except StatementsError as exc:
