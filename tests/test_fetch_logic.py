@@ -19,10 +19,12 @@ from statements.hostkeys import HostKey, KnownHosts, hosts_match, parse_known_ho
 from statements.ledger import Ledger, RunCounts, ServerId
 from statements.pipeline import inbox_name_for, plan
 from statements.remote import (
+    _PLAIN_NAME,
     PacketPipe,
     ReadAheadSocket,
     RemoteFile,
     _host_key_types,
+    _name_problem_by_rules,
     matches,
     name_problem,
 )
@@ -62,6 +64,22 @@ def line(hosts: str, k: HostKey) -> str:
 )
 def test_remote_names_are_untrusted(name: str, problem: str | None) -> None:
     assert name_problem(name) == problem
+
+
+def test_the_quick_check_of_plain_names_agrees_with_every_rule() -> None:
+    # name_problem passes printable ASCII names with one regex; the rules decide the rest.
+    # Names near every rule's edge: dots, separators, controls, DEL, non-ASCII, escaped bytes,
+    # lengths around 255.
+    rng = random.Random(7)
+    alphabet = ["a", "Z", "0", ".", "..", " ", "~", "-", "/", "\\", "\x00", "\n", "\x7f", "\x1b"]
+    alphabet += ["é", "\udce9", "\u2028", "[", "]"]
+    names = ["x" * n for n in (254, 255, 256)] + ["." + "x" * 254, "x" * 253 + ".."]
+    names += ["".join(rng.choices(alphabet, k=rng.randint(0, 12))) for _ in range(20_000)]
+    quick = 0
+    for name in names:
+        assert name_problem(name) == _name_problem_by_rules(name), repr(name)
+        quick += _PLAIN_NAME.fullmatch(name) is not None
+    assert 1_000 < quick < len(names)  # both paths were taken, many times
 
 
 def test_patterns_match_case_insensitively() -> None:

@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import paramiko
@@ -36,7 +36,13 @@ from statements import remote
 from statements.config import Config, from_mapping
 from statements.errors import KeyProblem
 from statements.keys.ssh import load_private_key, rsa_numbers_fit
-from statements.remote import SftpSession, SftpSettings, SftpStore, list_folder_entries
+from statements.remote import (
+    FolderEntry,
+    SftpSession,
+    SftpSettings,
+    SftpStore,
+    list_folder_entries,
+)
 from tests.sshd import ClientKeys, SshdServer, fingerprint
 
 # Far above what anything here takes, well below pytest's patience.
@@ -88,13 +94,32 @@ def _served(folder: Path) -> list[tuple[str, int, int, int]]:
     return sorted(entries)
 
 
-def _listed(entries: list[paramiko.SFTPAttributes]) -> list[tuple[str, int, int, int]]:
+def _listed(entries: list[FolderEntry]) -> list[tuple[str, int, int, int]]:
     return sorted((a.filename, a.st_size or 0, a.st_mtime or 0, a.st_mode or 0) for a in entries)
 
 
-def _fields(entries: list[paramiko.SFTPAttributes]) -> list[dict[str, object]]:
-    """Every field paramiko sets, flags and longname included, in name order."""
-    return [vars(a) for a in sorted(entries, key=lambda a: a.filename)]
+def _fields(entries: Sequence[paramiko.SFTPAttributes | FolderEntry]) -> list[dict[str, object]]:
+    """The fields of each entry that FolderEntry and paramiko's SFTPAttributes share (all
+    but paramiko's long name and flags), extended attributes as {name: value}, in name order."""
+    return [
+        {
+            "filename": a.filename,
+            **{name: getattr(a, name) for name in _STAT_FIELDS},
+            "extended": _extended_of(a),
+        }
+        for a in sorted(entries, key=lambda a: a.filename)
+    ]
+
+
+_STAT_FIELDS = ("st_size", "st_uid", "st_gid", "st_mode", "st_atime", "st_mtime")
+
+
+def _extended_of(entry: paramiko.SFTPAttributes | FolderEntry) -> dict[bytes, bytes]:
+    if isinstance(entry, FolderEntry):
+        return dict(entry.extended)
+    # paramiko's `attr[get_string()] = get_string()` reads the value first: its extended
+    # attributes come out as {value: name}.
+    return {name: value for value, name in entry.attr.items()}  # type: ignore[misc]
 
 
 # --- the listing against OpenSSH -------------------------------------------------------------
@@ -154,7 +179,7 @@ def test_folders_at_the_edge_of_one_readdir_answer(
     answers: list[int] = []
     add_names = remote._add_names
 
-    def counting(data: bytes, entries: list[paramiko.SFTPAttributes]) -> None:
+    def counting(data: bytes, entries: list[FolderEntry]) -> None:
         before = len(entries)
         add_names(data, entries)
         answers.append(len(entries) - before)
@@ -434,7 +459,7 @@ def test_a_name_reply_is_parsed_as_paramiko_parses_it() -> None:
             attrs.attr = {"x@example.com": "value"}  # type: ignore[dict-item]
         attrs._pack(msg)  # type: ignore[attr-defined]
     data = msg.asbytes()
-    entries: list[paramiko.SFTPAttributes] = []
+    entries: list[FolderEntry] = []
     remote._add_names(data, entries)
 
     reference = paramiko.Message(data)
@@ -444,14 +469,12 @@ def test_a_name_reply_is_parsed_as_paramiko_parses_it() -> None:
         name = reference.get_string().decode("utf-8", "surrogateescape")
         longname = reference.get_string().decode("utf-8", "replace")
         parsed = paramiko.SFTPAttributes._from_msg(reference, name, longname)  # type: ignore[attr-defined]
-        expected.append(vars(parsed))
-    # paramiko's `attr[get_string()] = get_string()` reads the value first: its extended
-    # attributes come out as {value: name}. Here they are {name: value}; nothing reads them.
-    for fields in expected:
-        fields["attr"] = {v: k for k, v in fields["attr"].items()}
-    assert [vars(a) for a in entries] == expected
-    assert entries[0].filename == "caf\udce9.pgp"
-    assert entries[0].attr == {b"x@example.com": b"value"}
+        expected.append(parsed)
+    assert _fields(entries) == _fields(expected)
+    assert [e.filename for e in entries] == ["caf\udce9.pgp", "plain.pgp"]
+    assert entries[0].st_size == 2**40 and entries[0].st_mtime == 2**32 - 1
+    assert entries[0].extended == ((b"x@example.com", b"value"),)
+    assert entries[1] == ("plain.pgp", None, None, None, None, None, None, ())
 
 
 @pytest.mark.parametrize("cut", [1, 4, 9, 30, -1])
