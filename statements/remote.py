@@ -296,13 +296,16 @@ def _extended(data: bytes, at: int) -> tuple[tuple[tuple[bytes, bytes], ...], in
         raise _malformed()
     found = []
     for _ in range(pairs):
-        strings = []
-        for _ in range(2):
-            (length,) = _U32.unpack_from(data, at)
-            strings.append(data[at + 4 : at + 4 + length])
-            at += 4 + length
-        found.append((strings[0], strings[1]))
+        name, at = _string(data, at)
+        value, at = _string(data, at)
+        found.append((name, value))
     return tuple(found), at
+
+
+def _string(data: bytes, at: int) -> tuple[bytes, int]:
+    """The SFTP string (u32 length, then bytes) at ``at``, and the offset after it."""
+    (length,) = _U32.unpack_from(data, at)
+    return data[at + 4 : at + 4 + length], at + 4 + length
 
 
 def _malformed() -> OSError:
