@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import io
 import logging
+import operator
 import posixpath
 import random
 import re
@@ -149,7 +150,17 @@ class FolderEntry(NamedTuple):
 
 
 def list_folder_entries(sftp: paramiko.SFTPClient, folder: str) -> list[FolderEntry]:
-    """``sftp.listdir_attr(folder)``, pipelined, and keeping names that are not UTF-8.
+    """``sftp.listdir_attr(folder)``, pipelined, and keeping names that are not UTF-8."""
+    return [entry for batch in scan_folder(sftp, folder, list) for entry in batch]
+
+
+def scan_folder(
+    sftp: paramiko.SFTPClient, folder: str, scan: Callable[[list[FolderEntry]], _T]
+) -> list[_T]:
+    """``scan`` of each READDIR answer's entries, in the order the server listed them.
+
+    Like ``sftp.listdir_attr(folder)``, but pipelined, keeping names that are not UTF-8, and
+    scanning each answer while the server reads the next.
 
     OpenSSH sends each name as the bytes on its disk, and paramiko decodes them strictly: one
     such name would fail the whole listing with UnicodeDecodeError, every night. Here it
@@ -158,28 +169,33 @@ def list_folder_entries(sftp: paramiko.SFTPClient, folder: str) -> list[FolderEn
     listdir_attr also waits for each READDIR answer (up to 100 names from OpenSSH) before it
     asks for the next: 200 round trips for 20,000 files. Here READDIR_AHEAD requests on the
     handle are in flight; the server answers them in order, each with the next batch, then EOF.
+    ``scan`` runs as each answer arrives, while the next ones are on their way: what it does
+    for 20,000 names then costs little more than the listing itself.
     """
     # paramiko has no hook for that decoding: this is its listdir_attr, rewritten around it.
     request = sftp._request  # type: ignore[attr-defined]
     path = sftp._adjust_cwd(folder)  # type: ignore[attr-defined]
     # A server that answers one handle's requests out of order shows it by names after an
-    # EOF; the folder is then listed again with one request at a time, as listdir_attr does.
+    # EOF; the folder is then listed (and scanned) again with one request at a time, as
+    # listdir_attr does.
     for ahead in (READDIR_AHEAD, 1):
         kind, msg = request(CMD_OPENDIR, path)
         if kind != CMD_HANDLE:
             raise paramiko.SFTPError("Expected handle")
         handle = msg.get_binary()
-        entries = _read_folder(sftp, handle, ahead)
+        scanned = _read_folder(sftp, handle, ahead, scan)
         # Nothing was written through the handle: no need to wait a round trip for the answer.
         sftp._async_request(type(None), CMD_CLOSE, handle)  # type: ignore[attr-defined]
-        if entries is not None:
-            return entries
+        if scanned is not None:
+            return scanned
         log.info("%s: READDIR answers came out of order; listing it again, unpipelined", folder)
     raise AssertionError("unreachable: one READDIR in flight leaves nothing after the end")
 
 
-def _read_folder(sftp: paramiko.SFTPClient, handle: bytes, ahead: int) -> list[FolderEntry] | None:
-    """Every entry of an open folder handle, with ``ahead`` READDIRs in flight.
+def _read_folder(
+    sftp: paramiko.SFTPClient, handle: bytes, ahead: int, scan: Callable[[list[FolderEntry]], _T]
+) -> list[_T] | None:
+    """``scan`` of each answer on an open folder handle, with ``ahead`` READDIRs in flight.
 
     None when a name arrives after the server said EOF. Once at EOF, the requests still in
     flight are drained (their answers are EOF) so that the handle can be closed cleanly.
@@ -187,7 +203,8 @@ def _read_folder(sftp: paramiko.SFTPClient, handle: bytes, ahead: int) -> list[F
     request = sftp._async_request  # type: ignore[attr-defined]
     replies = _Replies()
     pending: collections.deque[int] = collections.deque()
-    entries: list[FolderEntry] = []
+    scanned: list[_T] = []
+    listed = 0
     for _ in range(MAX_READDIR_REQUESTS):
         while len(pending) < ahead:
             pending.append(request(replies, CMD_READDIR, handle))
@@ -197,9 +214,12 @@ def _read_folder(sftp: paramiko.SFTPClient, handle: bytes, ahead: int) -> list[F
             break  # paramiko's way of saying the folder has no more entries
         if kind != CMD_NAME:
             raise paramiko.SFTPError("Expected name response")
+        entries: list[FolderEntry] = []
         _add_names(msg.get_remainder(), entries)
-        if len(entries) > MAX_FOLDER_ENTRIES:
+        listed += len(entries)
+        if listed > MAX_FOLDER_ENTRIES:
             raise OSError(f"the server lists more than {MAX_FOLDER_ENTRIES} entries")
+        scanned.append(scan(entries))
     else:
         raise OSError(f"the server sent no end after {MAX_READDIR_REQUESTS} READDIR answers")
     in_order = True
@@ -214,7 +234,7 @@ def _read_folder(sftp: paramiko.SFTPClient, handle: bytes, ahead: int) -> list[F
             continue  # an error status past the end: listdir_attr would never have asked
         if kind == CMD_NAME:
             in_order = False
-    return entries if in_order else None
+    return scanned if in_order else None
 
 
 _U32 = struct.Struct(">I")
@@ -434,6 +454,62 @@ def _host_key_types(pinned: Sequence[HostKey], available: Sequence[str]) -> list
     return first + [t for t in available if t not in first]
 
 
+_RELATIVE = operator.attrgetter("relative")
+
+
+class _ScannedBatch(NamedTuple):
+    files: list[RemoteFile]
+    refused: list[Refused]
+    subfolders: list[str]  # names to walk into (recursive listings)
+
+
+class _FolderScan:
+    """Sorts one folder's entries, a READDIR answer at a time, into files to fetch, refused
+    names and subfolders to walk."""
+
+    def __init__(self, folder: str, prefix: str, patterns: re.Pattern[str], descend: bool):
+        # posixpath.join(folder, name) for a name without "/", once per folder, not per name.
+        self.joined = (
+            ""
+            if folder == "."
+            else folder
+            if folder in ("", "/") or folder.endswith("/")
+            else f"{folder}/"
+        )
+        self.prefix = prefix
+        self.matches = patterns.match
+        self.descend = descend
+
+    def __call__(self, entries: list[FolderEntry]) -> _ScannedBatch:
+        joined, prefix, matches = self.joined, self.prefix, self.matches
+        files: list[RemoteFile] = []
+        refused: list[Refused] = []
+        subfolders: list[str] = []
+        for entry in entries:
+            name = entry.filename
+            kind = stat.S_IFMT(entry.st_mode or 0)
+            if kind == stat.S_IFDIR and self.descend:
+                if name_problem(name) is None:
+                    subfolders.append(name)
+                continue
+            if matches(name) is None:
+                continue
+            # Nearly every name: a regular file with a plain name (see _PLAIN_NAME).
+            if kind != stat.S_IFREG or not _PLAIN_NAME.fullmatch(name):
+                problem = name_problem(name)
+                if problem is None and kind == stat.S_IFLNK:
+                    problem = "is a symbolic link; only regular files are fetched"
+                elif problem is None and kind != stat.S_IFREG:
+                    problem = "is not a regular file"
+                if problem is not None:
+                    refused.append(Refused(printable(prefix + name), problem))
+                    continue
+            files.append(
+                RemoteFile(joined + name, prefix + name, entry.st_size or 0, entry.st_mtime or 0)
+            )
+        return _ScannedBatch(files, refused, subfolders)
+
+
 class SftpSession:
     """One authenticated connection with an SFTP channel."""
 
@@ -470,15 +546,18 @@ class SftpSession:
         self._walk(self.settings.remote_dir, "", files, refused, depth=0)
         # A hostile or broken server may list a name twice; fetching both entries at once would
         # race on one inbox file. The first entry is fetched, the others are refused.
-        unique: dict[str, RemoteFile] = {}
-        for remote in files:
-            if remote.relative in unique:
-                refused.append(
-                    Refused(printable(remote.relative), "listed more than once by the server")
-                )
-            else:
-                unique[remote.relative] = remote
-        return Listing(tuple(sorted(unique.values(), key=lambda f: f.relative)), tuple(refused))
+        if len(set(map(_RELATIVE, files))) < len(files):
+            unique: dict[str, RemoteFile] = {}
+            for remote in files:
+                if remote.relative in unique:
+                    refused.append(
+                        Refused(printable(remote.relative), "listed more than once by the server")
+                    )
+                else:
+                    unique[remote.relative] = remote
+            files = list(unique.values())
+        files.sort(key=_RELATIVE)
+        return Listing(tuple(files), tuple(refused))
 
     def _walk(
         self,
@@ -488,8 +567,14 @@ class SftpSession:
         refused: list[Refused],
         depth: int,
     ) -> None:
+        scan = _FolderScan(
+            folder,
+            prefix,
+            _pattern_regex(tuple(self.settings.patterns)),
+            descend=self.settings.recursive and depth < 16,
+        )
         try:
-            entries = list_folder_entries(self.sftp, folder)
+            scanned = scan_folder(self.sftp, folder, scan)
         # TimeoutError is an OSError too: a server gone quiet must be retried, not taken for a
         # folder that cannot be listed.
         except (TimeoutError, EOFError, paramiko.SSHException) as exc:
@@ -498,38 +583,13 @@ class SftpSession:
             if self._line_lost():  # paramiko's "Socket is closed": the line, not the folder
                 raise Transient(f"listing {folder}: {exc}") from exc
             raise _remote_folder_error(self.settings, folder, exc) from None
-        # posixpath.join(folder, name) for a name without "/", once per folder, not per name.
-        joined = (
-            ""
-            if folder == "."
-            else folder
-            if folder in ("", "/") or folder.endswith("/")
-            else f"{folder}/"
-        )
-        for attrs in entries:
-            name = attrs.filename
-            mode = attrs.st_mode or 0
-            if stat.S_ISDIR(mode) and self.settings.recursive and depth < 16:
-                if name_problem(name) is None:
-                    self._walk(
-                        posixpath.join(folder, name), f"{prefix}{name}/", files, refused, depth + 1
-                    )
-                continue
-            if not matches(name, self.settings.patterns):
-                continue
-            problem = name_problem(name)
-            if problem is None and stat.S_ISLNK(mode):
-                problem = "is a symbolic link; only regular files are fetched"
-            elif problem is None and not stat.S_ISREG(mode):
-                problem = "is not a regular file"
-            if problem is not None:
-                refused.append(Refused(printable(prefix + name), problem))
-                continue
-            files.append(
-                RemoteFile(
-                    joined + name, prefix + name, int(attrs.st_size or 0), int(attrs.st_mtime or 0)
-                )
-            )
+        subfolders: list[str] = []
+        for batch in scanned:
+            files += batch.files
+            refused += batch.refused
+            subfolders += batch.subfolders
+        for name in subfolders:
+            self._walk(posixpath.join(folder, name), f"{prefix}{name}/", files, refused, depth + 1)
 
     def download(
         self,
