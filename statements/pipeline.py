@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from statements.archive import (
     Produced,
@@ -45,6 +46,8 @@ from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, Writeback, atomic_write
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
 from statements.store import Listing, RemoteFile, RemoteSession, RemoteStore, Transient
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +421,8 @@ def fetch_new(
     progress = progress or NoProgress()
     stop = stop or threading.Event()
     summary = FetchSummary()
+    # Read beside the connect and the listing, which mostly wait for the server.
+    history = _InBackground(functools.partial(ledger.history_apart, server), "ledger-history")
     first = store.connect()
     try:
         listing = _retrying_listing(store, first, retries)
@@ -433,7 +438,7 @@ def fetch_new(
         summary.refused = len(refused)
         if not dry_run and refused:
             ledger.record_refused(server, [(r.name, r.reason) for r in refused])
-        planned, summary.skipped = plan(files, ledger.history(server))
+        planned, summary.skipped = plan(files, history.result())
         summary.new = planned
         if dry_run or not planned:
             return summary
@@ -463,6 +468,28 @@ def fetch_new(
         first.close()
         summary.seconds = time.monotonic() - started
     return summary
+
+
+class _InBackground(Generic[_T]):
+    """``call()`` on a thread of its own; result() waits for it, and returns or raises."""
+
+    def __init__(self, call: Callable[[], _T], name: str) -> None:
+        self._outcome: tuple[_T] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], _T]) -> None:
+        try:
+            self._outcome = (call(),)
+        except BaseException as exc:  # handed to result(), on the thread that waits for it
+            self._outcome = exc
+
+    def result(self) -> _T:
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome[0]
 
 
 def _retrying_listing(

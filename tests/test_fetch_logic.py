@@ -17,7 +17,7 @@ from paramiko.buffered_pipe import PipeTimeout
 
 from statements.hostkeys import HostKey, KnownHosts, hosts_match, parse_known_hosts, pin
 from statements.ledger import Ledger, RunCounts, ServerId
-from statements.pipeline import inbox_name_for, plan
+from statements.pipeline import _InBackground, inbox_name_for, plan
 from statements.remote import (
     _PLAIN_NAME,
     PacketPipe,
@@ -205,8 +205,10 @@ def test_ledger_refuses_a_newer_schema(tmp_path: Path) -> None:
         Ledger.open(tmp_path)
 
 
-def test_history_is_one_indexed_query_per_server(tmp_path: Path) -> None:
-    with Ledger.open(tmp_path) as ledger:
+@pytest.mark.parametrize("folder", ["archive", "a b#c?d%e&f"])
+def test_history_is_one_indexed_query_per_server(tmp_path: Path, folder: str) -> None:
+    root = tmp_path / folder  # history_apart opens the ledger by URI: odd names must survive it
+    with Ledger.open(root) as ledger:
         run = ledger.start_run("fetch")
         for i in range(300):
             ledger.record_fetched(
@@ -230,9 +232,14 @@ def test_history_is_one_indexed_query_per_server(tmp_path: Path) -> None:
             run_id=run,
         )
         history = ledger.history(SERVER)
+        apart: list[set[tuple[str, int, int]]] = []
+        reader = threading.Thread(target=lambda: apart.append(ledger.history_apart(SERVER)))
+        reader.start()
+        reader.join()
         ledger.finish_run(run, result="ok", exit_code=0, counts=RunCounts(fetched=301))
     assert len(history) == 300 and {h for h in history if h[0] == "f1.pgp"} == {("f1.pgp", 1, 1)}
-    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+    assert apart == [history]
+    with sqlite3.connect(root / "index.sqlite3") as db:
         query_plan = " ".join(
             str(r[3])
             for r in db.execute(
@@ -242,6 +249,16 @@ def test_history_is_one_indexed_query_per_server(tmp_path: Path) -> None:
             )
         )
     assert query_plan.startswith("SEARCH fetched USING COVERING INDEX"), query_plan
+
+
+def test_a_background_read_hands_back_its_result_or_its_error() -> None:
+    assert _InBackground(lambda: {("f.pgp", 1, 1)}, "test").result() == {("f.pgp", 1, 1)}
+
+    def fails() -> set[tuple[str, int, int]]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        _InBackground(fails, "test").result()
 
 
 def test_refused_names_are_recorded_once_with_a_count(tmp_path: Path) -> None:
