@@ -314,7 +314,7 @@ class Ledger:
         The fetch reads it on another thread while it connects and lists: SQLite reads the
         20,000 rows without holding the GIL, so they cost no wall time there.
         """
-        db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=30)
+        db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             return set(db.execute(_HISTORY, (server.host, server.port, server.username)))
         finally:

@@ -206,8 +206,12 @@ def test_ledger_refuses_a_newer_schema(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("folder", ["archive", "a b#c?d%e&f"])
-def test_history_is_one_indexed_query_per_server(tmp_path: Path, folder: str) -> None:
-    root = tmp_path / folder  # history_apart opens the ledger by URI: odd names must survive it
+def test_history_is_one_indexed_query_per_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str
+) -> None:
+    # history_apart opens the ledger by URI: odd names and a relative root must survive it.
+    monkeypatch.chdir(tmp_path)
+    root = Path(folder)
     with Ledger.open(root) as ledger:
         run = ledger.start_run("fetch")
         for i in range(300):
