@@ -301,18 +301,13 @@ class Ledger:
     # --- fetched files -------------------------------------------------------------------
 
     def history(self, server: ServerId) -> set[tuple[str, int, int]]:
-        """Every (remote path, size, mtime) fetched so far: one indexed query.
-
-        A flat set built in C: a dict of per-path sets took three times as long (and memory)
-        for the 20,000 rows a few years of nightly reports make.
-        """
-        return set(self._db.execute(_HISTORY, (server.host, server.port, server.username)))
-
-    def history_apart(self, server: ServerId) -> set[tuple[str, int, int]]:
-        """history(), read on a read-only connection of its own: safe from any thread.
+        """Every (remote path, size, mtime) fetched so far: one indexed query, on a read-only
+        connection of its own, so that any thread may call it.
 
         The fetch reads it on another thread while it connects and lists: SQLite reads the
-        20,000 rows without holding the GIL, so they cost no wall time there.
+        20,000 rows a few years of nightly reports make without holding the GIL, so they cost
+        no wall time there. A flat set built in C: a dict of per-path sets took three times as
+        long (and memory).
         """
         db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
         try:

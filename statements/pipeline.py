@@ -422,7 +422,7 @@ def fetch_new(
     stop = stop or threading.Event()
     summary = FetchSummary()
     # Read beside the connect and the listing, which mostly wait for the server.
-    history = _InBackground(functools.partial(ledger.history_apart, server), "ledger-history")
+    history = _InBackground(functools.partial(ledger.history, server), "ledger-history")
     first = store.connect()
     try:
         listing = _retrying_listing(store, first, retries)

@@ -494,16 +494,14 @@ class _FolderScan:
                 continue
             if matches(name) is None:
                 continue
-            # Nearly every name: a regular file with a plain name (see _PLAIN_NAME).
-            if kind != stat.S_IFREG or not _PLAIN_NAME.fullmatch(name):
-                problem = name_problem(name)
-                if problem is None and kind == stat.S_IFLNK:
-                    problem = "is a symbolic link; only regular files are fetched"
-                elif problem is None and kind != stat.S_IFREG:
-                    problem = "is not a regular file"
-                if problem is not None:
-                    refused.append(Refused(printable(prefix + name), problem))
-                    continue
+            problem = name_problem(name)
+            if problem is None and kind == stat.S_IFLNK:
+                problem = "is a symbolic link; only regular files are fetched"
+            elif problem is None and kind != stat.S_IFREG:
+                problem = "is not a regular file"
+            if problem is not None:
+                refused.append(Refused(printable(prefix + name), problem))
+                continue
             files.append(
                 RemoteFile(joined + name, prefix + name, entry.st_size or 0, entry.st_mtime or 0)
             )
@@ -546,18 +544,15 @@ class SftpSession:
         self._walk(self.settings.remote_dir, "", files, refused, depth=0)
         # A hostile or broken server may list a name twice; fetching both entries at once would
         # race on one inbox file. The first entry is fetched, the others are refused.
-        if len(set(map(_RELATIVE, files))) < len(files):
-            unique: dict[str, RemoteFile] = {}
-            for remote in files:
-                if remote.relative in unique:
-                    refused.append(
-                        Refused(printable(remote.relative), "listed more than once by the server")
-                    )
-                else:
-                    unique[remote.relative] = remote
-            files = list(unique.values())
-        files.sort(key=_RELATIVE)
-        return Listing(tuple(files), tuple(refused))
+        unique: dict[str, RemoteFile] = {}
+        for remote in files:
+            if remote.relative in unique:
+                refused.append(
+                    Refused(printable(remote.relative), "listed more than once by the server")
+                )
+            else:
+                unique[remote.relative] = remote
+        return Listing(tuple(sorted(unique.values(), key=_RELATIVE)), tuple(refused))
 
     def _walk(
         self,

@@ -209,7 +209,7 @@ def test_ledger_refuses_a_newer_schema(tmp_path: Path) -> None:
 def test_history_is_one_indexed_query_per_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str
 ) -> None:
-    # history_apart opens the ledger by URI: odd names and a relative root must survive it.
+    # history() opens the ledger by URI: odd names and a relative root must survive it.
     monkeypatch.chdir(tmp_path)
     root = Path(folder)
     with Ledger.open(root) as ledger:
@@ -235,14 +235,14 @@ def test_history_is_one_indexed_query_per_server(
             sha256="0" * 64,
             run_id=run,
         )
-        history = ledger.history(SERVER)
-        apart: list[set[tuple[str, int, int]]] = []
-        reader = threading.Thread(target=lambda: apart.append(ledger.history_apart(SERVER)))
+        read: list[set[tuple[str, int, int]]] = []  # on another thread, as the fetch does
+        reader = threading.Thread(target=lambda: read.append(ledger.history(SERVER)))
         reader.start()
         reader.join()
         ledger.finish_run(run, result="ok", exit_code=0, counts=RunCounts(fetched=301))
+    assert len(read) == 1
+    history = read[0]
     assert len(history) == 300 and {h for h in history if h[0] == "f1.pgp"} == {("f1.pgp", 1, 1)}
-    assert apart == [history]
     with sqlite3.connect(root / "index.sqlite3") as db:
         query_plan = " ".join(
             str(r[3])
