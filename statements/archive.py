@@ -618,24 +618,23 @@ def place(source: Path, root: Path, relative: PurePosixPath, sha256: str) -> Pla
     for version in range(1, MAX_VERSIONS + 1):
         candidate = versioned(relative, version)
         target = folder / candidate.name
+        # A name seen free is linked; a name taken, even by another worker a moment ago, is
+        # judged by its content. (Judging the content first and checking the name after let
+        # another worker link the same bytes in between: they were filed twice, as .v2.)
+        if not _lexists(target):
+            try:
+                _link(source, target)
+            except FileExistsError:
+                pass  # taken meanwhile: judged below
+            else:
+                fsync_dir(folder)
+                source.unlink()
+                return Placement(candidate, version, already_there=False)
         if _same_content(target, wanted):
             # Durable before the caller's ledger commit says so: another worker may have
             # linked it a moment ago and not yet synced the folder.
             fsync_dir(folder)
             return Placement(candidate, version, already_there=True)
-        if _lexists(target):
-            continue
-        try:
-            _link(source, target)
-        except FileExistsError:
-            # Someone else put a file there meanwhile: judge it like any existing one.
-            if _same_content(target, wanted):
-                fsync_dir(folder)
-                return Placement(candidate, version, already_there=True)
-            continue
-        fsync_dir(folder)
-        source.unlink()
-        return Placement(candidate, version, already_there=False)
     raise StatementsError(
         f"{relative} already has {MAX_VERSIONS} different versions in the archive.",
         "Look at what keeps arriving under that name; move the old versions elsewhere.",

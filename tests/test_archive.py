@@ -705,6 +705,31 @@ def test_modes_are_private_whatever_the_umask(tmp_path: Path) -> None:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
+def test_the_same_content_placed_by_another_worker_meanwhile_is_archived_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two versions of one report with the same bytes, archived by two workers: the other one
+    links the file just after this one looked and found the name free."""
+    root = tmp_path / "archive"
+    target = root / "_unsorted/2026-11-21/twin.xml"
+    other = write(tmp_path / "other", b"twin")
+    real_lstat = Path.lstat
+
+    def lstat_then_the_other_worker_links(path: Path) -> os.stat_result:
+        try:
+            return real_lstat(path)
+        except FileNotFoundError:
+            if path == target and not os.path.lexists(target):
+                os.link(other, target)
+            raise
+
+    monkeypatch.setattr(Path, "lstat", lstat_then_the_other_worker_links)
+    placement, source = put(tmp_path, root, "_unsorted/2026-11-21/twin.xml", b"twin")
+    assert placement == Placement(PurePosixPath("_unsorted/2026-11-21/twin.xml"), 1, True)
+    assert [p.name for p in target.parent.iterdir()] == ["twin.xml"]
+    assert source.exists()  # left for the caller to delete, as for any content already there
+
+
 def test_existing_folders_keep_their_mode(tmp_path: Path) -> None:
     root = tmp_path / "archive"
     (root / "U1234567").mkdir(parents=True)
