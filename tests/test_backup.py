@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -393,7 +394,15 @@ def test_wrong_backup_passphrase(made: Made, new_project: Callable[[], Config]) 
 
 @pytest.mark.parametrize(
     "damage",
-    ["flip-middle", "flip-last", "truncate-half", "truncate-tail", "garbage", "empty"],
+    [
+        "flip-middle",
+        "flip-last",
+        "truncate-half",
+        "truncate-tail",
+        "garbage",
+        "empty",
+        "plain-literal-latin1-name",
+    ],
 )
 def test_damaged_backup_refused(
     damage: str,
@@ -412,7 +421,13 @@ def test_damaged_backup_refused(
     elif damage == "truncate-tail":
         data = data[:-10]
     elif damage == "garbage":
-        data = bytearray(os.urandom(len(data)))
+        data = bytearray(random.Random(damage).randbytes(len(data)))
+    elif damage == "plain-literal-latin1-name":
+        # Not encrypted at all: an OpenPGP literal packet whose file name is Latin-1, which
+        # gpg prints as it is. Random garbage starting with byte 0xAC is such a packet; it
+        # once crashed python-gnupg's UTF-8 reader of gpg's messages mid-restore.
+        body = b"b" + bytes([4]) + "r\xe9su".encode("latin-1") + bytes(4) + b"not a backup"
+        data = bytearray(bytes([0xAC, len(body)]) + body)
     else:
         data = bytearray()
     copy.write_bytes(bytes(data))

@@ -7,7 +7,9 @@ batch key-generation script), never in an argument list, and never appear in a m
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import encodings.utf_8
 import io
 import os
 import re
@@ -16,12 +18,15 @@ import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gnupg
 
 from statements.errors import KeyProblem, UsageError
 from statements.fsutil import PUBLIC_FILE, atomic_write, ensure_private_dir
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 MIN_BITS = 2048
 MAX_BITS = 4096  # the largest RSA size gpg makes without --expert
@@ -34,6 +39,8 @@ AGENT_CONF = "gpg-agent.conf"
 AGENT_SETTINGS = ("allow-loopback-pinentry", "default-cache-ttl 0", "max-cache-ttl 0")
 # Every call: loopback pinentry, so a missing passphrase fails at once instead of prompting.
 _GPG_OPTIONS = ["--pinentry-mode", "loopback"]
+# What python-gnupg encodes and decodes with (see _lenient_utf8): UTF-8 out, UTF-8 in.
+GPG_ENCODING = "ibkr-statements-utf-8"
 _GPG_TIMEOUT_S = 120
 
 _FINGERPRINT = re.compile(r"[0-9A-F]{40}")
@@ -86,6 +93,40 @@ class PgpKeyInfo:
         return tuple(e for e in (_uid_email(uid) for uid in self.uids) if e)
 
 
+class _ReplacingUtf8Reader(encodings.utf_8.StreamReader):
+    def __init__(self, stream: Any, errors: str = "strict") -> None:
+        super().__init__(stream, "replace")
+
+
+def _lenient_utf8(name: str) -> codecs.CodecInfo | None:
+    """UTF-8 that encodes strictly and decodes anything, for python-gnupg.
+
+    gpg reads passphrases and user ids as UTF-8, so python-gnupg must encode with it; but it
+    also decodes gpg's messages with the same codec, strictly, on a thread of its own, and gpg
+    prints some bytes as it finds them (the file name inside an OpenPGP packet, say). One
+    Latin-1 byte there killed that thread: the result lost its status lines and the caller
+    got an AttributeError instead of gpg's verdict. python-gnupg's own default, Latin-1,
+    never fails to decode but would send "é" in a passphrase as a byte gpg does not expect.
+    """
+    if name != GPG_ENCODING.replace("-", "_"):
+        return None
+    utf8 = codecs.lookup("utf-8")
+
+    def decode(data: ReadableBuffer, errors: str = "strict", /) -> tuple[str, int]:
+        return codecs.utf_8_decode(data, "replace", True)
+
+    return codecs.CodecInfo(
+        utf8.encode,
+        decode,
+        streamreader=_ReplacingUtf8Reader,
+        streamwriter=utf8.streamwriter,
+        name=GPG_ENCODING,
+    )
+
+
+codecs.register(_lenient_utf8)
+
+
 def open_gnupg(home: Path, gpg_binary: str = "gpg") -> gnupg.GPG:
     """A python-gnupg handle on ``home``, created 0700 with an agent that never prompts."""
     if shutil.which(gpg_binary) is None:
@@ -103,7 +144,7 @@ def open_gnupg(home: Path, gpg_binary: str = "gpg") -> gnupg.GPG:
             env=_gpg_env(home),
             # gpg itself reads passphrases and user ids as UTF-8; python-gnupg's default of
             # Latin-1 would turn "é" into another passphrase than the one typed in a terminal.
-            encoding="utf-8",
+            encoding=GPG_ENCODING,
         )
     except (OSError, ValueError) as exc:
         raise KeyProblem(
