@@ -523,6 +523,7 @@ class _RichFetchProgress:
 @contextlib.contextmanager
 def _fetch_progress() -> Iterator[Any]:
     """A progress bar on a terminal; elsewhere None, and the pipeline logs a line per file."""
+    # isatty first: a nightly run from cron never imports rich just to learn it has no terminal.
     if not sys.stderr.isatty() or not err.rich.is_terminal:
         yield None
         return
