@@ -338,7 +338,8 @@ class _ScriptedSftp:
     """paramiko's request layer (the part list_folder_entries uses) with a scripted server
     that answers in the order asked: READDIR number i on a handle gets ``readdir(i)``."""
 
-    _convert_status = paramiko.SFTPClient._convert_status  # raises EOFError or IOError
+    # raises EOFError or IOError
+    _convert_status = paramiko.SFTPClient._convert_status  # type: ignore[attr-defined]
 
     def __init__(self, readdir: Callable[[int], Answer]) -> None:
         self.readdir = readdir
@@ -456,7 +457,7 @@ def test_a_name_reply_is_parsed_as_paramiko_parses_it() -> None:
         if flags_set:
             attrs.st_size, attrs.st_uid, attrs.st_gid = 2**40, 1000, 1001
             attrs.st_mode, attrs.st_atime, attrs.st_mtime = 0o100600, 1, 2**32 - 1
-            attrs.attr = {"x@example.com": "value"}  # type: ignore[dict-item]
+            attrs.attr = {"x@example.com": "value"}
         attrs._pack(msg)  # type: ignore[attr-defined]
     data = msg.asbytes()
     entries: list[FolderEntry] = []
@@ -466,9 +467,9 @@ def test_a_name_reply_is_parsed_as_paramiko_parses_it() -> None:
     reference.get_int()
     expected = []
     for _ in range(2):
-        name = reference.get_string().decode("utf-8", "surrogateescape")
+        name_text = reference.get_string().decode("utf-8", "surrogateescape")
         longname = reference.get_string().decode("utf-8", "replace")
-        parsed = paramiko.SFTPAttributes._from_msg(reference, name, longname)  # type: ignore[attr-defined]
+        parsed = paramiko.SFTPAttributes._from_msg(reference, name_text, longname)  # type: ignore[attr-defined]
         expected.append(parsed)
     assert _fields(entries) == _fields(expected)
     assert [e.filename for e in entries] == ["caf\udce9.pgp", "plain.pgp"]
