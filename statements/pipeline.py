@@ -1190,6 +1190,7 @@ def run_from_config(
         stop = stop or threading.Event()
         archiver = _Archiver(job, landed, stop)
         archiver.start()
+        failure: StatementsError | None = None
         try:
             fetch = fetch_new(
                 store,
@@ -1205,12 +1206,15 @@ def run_from_config(
                 early=early,
             )
         except StatementsError as exc:
-            archiver.finish()
-            early.discard()
-            _failed(ledger, run_id, exc, RunCounts(archived=archiver.summary.archived_files))
-            raise
+            failure = exc
+        # What landed before a stop or a failure is archived all the same; what a stop left
+        # untaken is dropped here, and what a crash left, by the next run's repair.
         archiver.finish()
-        early.discard()  # what a stop left untaken; a crash leaves it to the next run's repair
+        early.discard()
+        if failure is not None:
+            counts = RunCounts(archived=archiver.summary.archived_files)
+            _failed(ledger, run_id, failure, counts)
+            raise failure
         if archiver.error is not None:
             _failed(ledger, run_id, archiver.error, RunCounts(fetched=fetch.fetched))
             raise archiver.error
