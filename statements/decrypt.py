@@ -50,7 +50,7 @@ from typing import IO, Any, Literal
 
 from statements.agentlanes import clear_lanes, lanes_folder, make_lane, remove_lane
 from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
-from statements.fsutil import Writeback, fsync_dir
+from statements.fsutil import DirectWriter, Writeback, fsync_dir
 from statements.keys.pgp import check_passphrase, gpg_time, open_gnupg, status_summary
 
 log = logging.getLogger(__name__)
@@ -573,12 +573,16 @@ class Decryptor:
         # so a name that starts with "-" is never read as an option.
         args = [*_DECRYPT_ARGS, "--", str(source.absolute())]
         secret = self._secret()
+        try:
+            expected = source.stat().st_size
+        except OSError:
+            expected = 0  # gpg will say what is wrong with it
         # The lane is held only while gpg runs: the checks, fsync and rename below leave its
         # agent free for the next file.
         gpg, lane = self._take(home_only=home_only)
         try:
             command = gpg.make_args(args, self._passphrase is not None)
-            run = _run_gpg(command, gpg.env, secret, sink)
+            run = _run_gpg(command, gpg.env, secret, sink, expected)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 # gpg decrypts fine; the disk is full, not the file broken. Nothing is
@@ -618,7 +622,7 @@ class Decryptor:
         self._check_signature(source, st, lines)
         return st, lines
 
-    def start_early(self, name: str, folder: Path) -> EarlyDecryption | None:
+    def start_early(self, name: str, folder: Path, size: int) -> EarlyDecryption | None:
         """Start decrypting a file while it is still arriving; None if gpg cannot start.
 
         The caller feeds it the file's bytes in order and then calls ``finish``; any doubt
@@ -630,7 +634,7 @@ class Decryptor:
         gpg = self._open()
         command = gpg.make_args(list(_DECRYPT_ARGS), self._passphrase is not None)
         try:
-            return EarlyDecryption(self, name, folder, command, gpg.env, self._secret())
+            return EarlyDecryption(self, name, folder, size, command, gpg.env, self._secret())
         except OSError as exc:
             log.info("cannot decrypt %s while it downloads: %s", name, exc.strerror or exc)
             return None
@@ -866,11 +870,12 @@ _DECRYPT_ARGS = (
     "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
 )
 _PIPE_BYTES = 1 << 20  # a pipe that holds what gpg writes while this process hashes
+DIRECT_WRITE_BYTES = 16 << 20  # from this ciphertext size on, the plaintext skips the page cache
 _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
 
 
 def _run_gpg(
-    command: Sequence[str], env: Mapping[str, str], secret: bytes, sink: io.FileIO
+    command: Sequence[str], env: Mapping[str, str], secret: bytes, sink: io.FileIO, expected: int
 ) -> _GpgRun:
     """Run gpg with its stdout into ``sink``, hashed on the way; raise OSError on a write error.
 
@@ -904,7 +909,7 @@ def _run_gpg(
             process.stdin.write(secret)
         with contextlib.suppress(BrokenPipeError):
             process.stdin.close()
-        written = _pump_plaintext(read_end, sink, digest)
+        written = _pump_plaintext(read_end, sink, digest, expected)
     except BaseException:
         process.kill()
         raise
@@ -929,8 +934,29 @@ def _widen_pipe(fd: int) -> None:
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
 
 
-def _pump_plaintext(read_end: int, sink: io.FileIO, digest: hashlib._Hash) -> int:
-    """Copy what gpg writes into ``sink`` until it closes the pipe, hashing it; bytes copied."""
+def _pump_plaintext(read_end: int, sink: io.FileIO, digest: hashlib._Hash, expected: int) -> int:
+    """Copy what gpg writes into ``sink`` until it closes the pipe, hashing it; bytes copied.
+
+    ``expected`` is about how many bytes to expect (the ciphertext's size): a big plaintext
+    goes to the disk directly, past the page cache, where the file system allows.
+    """
+    direct = DirectWriter.attach(sink.fileno()) if expected >= DIRECT_WRITE_BYTES else None
+    if direct is None:
+        return _pump_through_cache(read_end, sink, digest)
+    written = 0
+    try:
+        while count := os.readv(read_end, [space := direct.space()]):
+            digest.update(space[:count])  # hashlib releases the GIL: this overlaps gpg's work
+            direct.filled(count)
+            written += count
+        direct.close()
+    except BaseException:
+        direct.abort()
+        raise
+    return written
+
+
+def _pump_through_cache(read_end: int, sink: io.FileIO, digest: hashlib._Hash) -> int:
     written = 0
     writeback = Writeback(sink.fileno())
     buffer = bytearray(_PIPE_BYTES)
@@ -975,12 +1001,14 @@ class EarlyDecryption:
         decryptor: Decryptor,
         name: str,
         folder: Path,
+        size: int,
         command: list[str],
         env: Mapping[str, str],
         secret: bytes,
     ) -> None:
         self._decryptor = decryptor
         self.name = name
+        self._size = size  # the ciphertext's
         self.failed: str | None = None  # why the early decryption was given up
         self._digest = hashlib.sha256()
         self._written = 0
@@ -1092,7 +1120,7 @@ class EarlyDecryption:
 
     def _pump(self, read_end: int) -> None:
         try:
-            self._written = _pump_plaintext(read_end, self._sink, self._digest)
+            self._written = _pump_plaintext(read_end, self._sink, self._digest, self._size)
         except OSError as exc:  # say the disk is full: gpg must not stall the feed for it
             self._pump_error = exc
             self._process.kill()

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
+import mmap
 import os
+import queue
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +101,143 @@ def _load_sync_file_range() -> ctypes._NamedFuncPointer | None:
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 _WAIT_AND_WRITE = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
 _sync_file_range = _load_sync_file_range()
+
+
+# File systems where an O_DIRECT write is a plain local block write. Elsewhere (NFS and SMB,
+# where each direct write is a round trip and a commit; FUSE; tmpfs) writes stay buffered.
+_DIRECT_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
+
+
+def filesystem_type(fd: int) -> str | None:
+    """The type of the file system the open file ``fd`` is on ("ext4"), or None if unknown."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                # ID PARENT MAJOR:MINOR ROOT MOUNT-POINT OPTIONS [TAGS...] - TYPE SOURCE OPTIONS
+                fields = line.split()
+                if len(fields) > 3 and fields[2] == device and "-" in fields[3:]:
+                    at = fields.index("-", 3) + 1
+                    return fields[at] if at < len(fields) else None
+    except OSError:
+        return None
+    return None
+
+
+class DirectWriter:
+    """Writes a big new file from this process's buffers straight to the disk (``O_DIRECT``).
+
+    Through the page cache every page of the file is copied, allocated, written back and then
+    dropped (see :class:`Writeback`): 1.07 s of this process's system time for the plaintext
+    of bench/'s 1 GiB report, against 0.57 s direct. `ibkr-statements decrypt` of it went from
+    2.86 to 2.41 s and from 4.4 to 3.4 CPU-seconds (medians of 5, interleaved), because gpg,
+    on the other core, no longer competes with that work.
+
+    The caller reads into :meth:`space` and reports the count with :meth:`filled`; a thread
+    writes each full buffer while the next one fills, at most BUFFERS - 1 behind. The last,
+    partial buffer goes through the page cache at :meth:`close`, and so does every write from
+    the first one the file system refuses direct (EINVAL: it wants a larger alignment) or
+    writes short, so the file is always whole. The caller still fsyncs it.
+    """
+
+    CHUNK = 1 << 20  # a multiple of every common device's logical block size
+    BUFFERS = 4
+
+    @classmethod
+    def attach(cls, fd: int) -> DirectWriter | None:
+        """A writer for the new, empty file ``fd``; None where direct writes are not tried."""
+        if not hasattr(os, "O_DIRECT") or filesystem_type(fd) not in _DIRECT_FILESYSTEMS:
+            return None
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError:
+            return None
+        return cls(fd, flags & ~os.O_DIRECT)
+
+    def __init__(self, fd: int, buffered_flags: int) -> None:
+        self._fd = fd
+        self._buffered_flags = buffered_flags
+        self._direct = True  # the thread's, until it is joined
+        self._error: BaseException | None = None
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        for _ in range(self.BUFFERS - 1):
+            self._free.put(self._new_buffer())
+        self._buffer = self._new_buffer()
+        self._used = 0
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._write_queued, name="direct-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _new_buffer(self) -> memoryview:
+        # An anonymous map starts on a page: the address alignment O_DIRECT asks for.
+        return memoryview(mmap.mmap(-1, self.CHUNK))
+
+    def space(self) -> memoryview:
+        """Where the next bytes go (the free end of the current buffer, never empty)."""
+        return self._buffer[self._used :]
+
+    def filled(self, count: int) -> None:
+        """``count`` bytes were put at the start of :meth:`space`; raises what writing raised."""
+        self._used += count
+        if self._used < self.CHUNK:
+            return
+        if self._error is not None:
+            raise self._error
+        self._full.put((self._buffer, self._used))
+        self._buffer = self._free.get()
+        self._used = 0
+
+    def close(self) -> None:
+        """Write what is left and wait for it; raise the first error writing met."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        self._write(self._buffer[: self._used])
+        self._used = 0
+
+    def abort(self) -> None:
+        """Stop writing, raise nothing: for the way out after another error."""
+        with contextlib.suppress(OSError):
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._full.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._direct:
+            self._buffered()
+
+    def _write_queued(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, count = item
+            if self._error is None:
+                try:
+                    self._write(buffer[:count])
+                except BaseException as exc:  # the caller raises it; this thread must go on
+                    self._error = exc
+            self._free.put(buffer)
+
+    def _write(self, view: memoryview) -> None:
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._buffered()
+                continue
+            view = view[written:]
+            if view and self._direct:
+                self._buffered()  # the rest would start off the alignment
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, self._buffered_flags)
+        self._direct = False
 
 
 def fsync_dir(path: Path) -> None:

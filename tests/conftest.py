@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -75,3 +76,20 @@ def _stop_every_gpg_agent(
             check=False,
             timeout=30,
         )
+
+
+@pytest.fixture
+def disk_folder(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``, unless it is on tmpfs (whose pages cannot be dropped nor written direct):
+    then a folder in the project's tests/, on its disk."""
+    from tests.harness import filesystem_type  # here: pytest must load tests.sshd first
+
+    if filesystem_type(tmp_path) != "tmpfs":
+        yield tmp_path
+        return
+    folder = Path(__file__).resolve().parent / f".disk-{tmp_path.name}"
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)

@@ -215,6 +215,8 @@ def cached_bytes(path: Path) -> int:
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     size = path.stat().st_size
+    if size == 0:
+        return 0  # nothing to map
     pages = -(-size // mmap.PAGESIZE)
     fd = os.open(path, os.O_RDONLY)
     try:

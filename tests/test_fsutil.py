@@ -1,19 +1,22 @@
-"""Writeback: early disk writes and page-cache drops behind big files (Linux sync_file_range)."""
+"""Big files on disk: Writeback (early disk writes and page-cache drops, Linux sync_file_range)
+and DirectWriter (O_DIRECT, past the page cache)."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
-import shutil
+import random
+import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from statements import fsutil
-from statements.fsutil import Writeback
+from statements.fsutil import DirectWriter, Writeback
 from tests.harness import cached_bytes, filesystem_type
 
 
@@ -110,15 +113,127 @@ def test_writeback_of_a_resumed_file_counts_from_its_offset(disk_folder: Path) -
     assert path.read_bytes() == head + tail
 
 
-@pytest.fixture
-def disk_folder(tmp_path: Path) -> Iterator[Path]:
-    """``tmp_path``, unless it is on tmpfs (whose pages cannot be dropped): then the project's."""
-    if filesystem_type(tmp_path) != "tmpfs":
-        yield tmp_path
-        return
-    folder = Path(__file__).resolve().parent / f".disk-{tmp_path.name}"
-    folder.mkdir()
+# --- DirectWriter: big files straight to the disk ---------------------------------------------
+
+DIRECT_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+
+
+def _direct_writer(path: Path) -> tuple[int, DirectWriter]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = DirectWriter.attach(fd)
+    assert writer is not None, (
+        f"{path.parent} is on {filesystem_type(path.parent)}: these tests need one of "
+        f"{', '.join(DIRECT_FILESYSTEMS)} (disk_folder picks the project's disk over tmpfs)"
+    )
+    return fd, writer
+
+
+def _fill(writer: DirectWriter, data: bytes, seed: int) -> None:
+    """Hand ``data`` over in odd pieces, as a pipe gives them: 1 byte to a whole buffer."""
+    rng = random.Random(seed)
+    at = 0
+    while at < len(data):
+        space = writer.space()
+        count = min(len(space), len(data) - at, rng.choice((1, 4095, 65536, 300_000, 1 << 20)))
+        space[:count] = data[at : at + count]
+        writer.filled(count)
+        at += count
+
+
+@LINUX_ONLY
+def test_filesystem_type_agrees_with_the_mount_table(disk_folder: Path) -> None:
+    for folder in (disk_folder, Path("/dev/shm")):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert fsutil.filesystem_type(fd) == filesystem_type(folder)
+        finally:
+            os.close(fd)
+
+
+@LINUX_ONLY
+def test_tmpfs_is_written_through_the_cache() -> None:
+    # tmpfs is memory: there is no disk to go to, so no direct writer is made there.
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as handle:
+        assert filesystem_type(Path("/dev/shm")) == "tmpfs"
+        assert DirectWriter.attach(handle.fileno()) is None
+        assert not fcntl.fcntl(handle.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+
+
+@LINUX_ONLY
+@pytest.mark.parametrize("size", [0, 1, DirectWriter.CHUNK, 3 * DirectWriter.CHUNK + 12345])
+def test_direct_writer_writes_every_byte_in_order_past_the_page_cache(
+    disk_folder: Path, size: int
+) -> None:
+    path = disk_folder / "plain.bin"
+    data = random.Random(size).randbytes(size)
+    fd, writer = _direct_writer(path)
     try:
-        yield folder
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        _fill(writer, data, seed=size)
+        writer.close()
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # the caller's fsync is plain
+        os.fsync(fd)
     finally:
-        shutil.rmtree(folder)
+        os.close(fd)
+    # Only the last, partial buffer went through the page cache.
+    assert cached_bytes(path) <= size % DirectWriter.CHUNK + 4096
+    assert path.read_bytes() == data
+
+
+class _UnalignedWriter(DirectWriter):
+    CHUNK = (1 << 20) + 100  # no device takes a direct write of this length
+
+
+@LINUX_ONLY
+def test_a_write_the_disk_will_not_take_direct_still_lands_whole(disk_folder: Path) -> None:
+    # XFS refuses such a write (EINVAL) and the writer goes on through the cache; ext4 takes
+    # it through its own cache. Either way the file must hold every byte, in order.
+    path = disk_folder / "plain.bin"
+    data = random.Random(7).randbytes(3 * _UnalignedWriter.CHUNK + 5)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        writer = _UnalignedWriter.attach(fd)
+        assert writer is not None
+        _fill(writer, data, seed=7)
+        writer.close()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+_WRITE_PAST_A_LIMIT = """
+import os, resource, signal, sys
+from statements.fsutil import DirectWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that a write past the limit fails: EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (3 * DirectWriter.CHUNK, 3 * DirectWriter.CHUNK))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+writer = DirectWriter.attach(fd)
+assert writer is not None
+try:
+    for _ in range(8):
+        space = writer.space()
+        space[:] = b"x" * len(space)
+        writer.filled(len(space))
+    writer.close()
+except OSError as exc:
+    writer.abort()
+    print(exc.errno)
+"""
+
+
+@LINUX_ONLY
+def test_a_failed_direct_write_is_raised_to_the_caller(disk_folder: Path) -> None:
+    # A real write error (the file size limit, as a full disk would) comes back from the
+    # writer's thread to the caller, which stops; nothing hangs.
+    path = disk_folder / "limited.bin"
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_PAST_A_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(errno.EFBIG)
+    assert path.stat().st_size == 3 * DirectWriter.CHUNK
