@@ -463,20 +463,21 @@ class Decryptor:
         """
         self._open()
         try:
-            source.open("rb").close()  # gpg reads it; a clear error here if it cannot
+            with source.open("rb") as readable:  # gpg reads it; a clear error here if it cannot
+                size = os.fstat(readable.fileno()).st_size
         except OSError as exc:
             raise DecryptFailed(
                 "gpg_error", f"Cannot read {source}: {exc.strerror}.", "Check the inbox folder."
             ) from None
         try:
-            return self._decrypt_with(source, output, home_only=False)
+            return self._decrypt_with(source, size, output, home_only=False)
         except DecryptFailed as exc:
             if not exc.in_lane:
                 raise
             # A lane's refusal is checked by the home itself: a lane must never cost a file
             # that the home would have decrypted (say, its agent died under it).
             log.info("retrying %s in the GnuPG home itself: %s", source.name, exc.message)
-        return self._decrypt_with(source, output, home_only=True)
+        return self._decrypt_with(source, size, output, home_only=True)
 
     def close(self) -> None:
         """Stop the lanes' gpg-agents and delete the lanes; the decryptor stays usable."""
@@ -541,7 +542,7 @@ class Decryptor:
             cached = self._listing
         return cached if cached is not None else self._list_secret_keys()
 
-    def _decrypt_with(self, source: Path, output: Path, *, home_only: bool) -> Decrypted:
+    def _decrypt_with(self, source: Path, size: int, output: Path, *, home_only: bool) -> Decrypted:
         try:
             # mkstemp makes the file 0600: the plaintext is never readable by others.
             fd, tmp_name = tempfile.mkstemp(
@@ -558,13 +559,20 @@ class Decryptor:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb", buffering=0) as sink:
-                return self._decrypt(source, sink, tmp, output, home_only=home_only)
+                return self._decrypt(source, size, sink, tmp, output, home_only=home_only)
         finally:
             # Only a successful decryption renamed it; every failure leaves nothing behind.
             tmp.unlink(missing_ok=True)
 
     def _decrypt(
-        self, source: Path, sink: io.FileIO, tmp: Path, output: Path, *, home_only: bool
+        self,
+        source: Path,
+        size: int,
+        sink: io.FileIO,
+        tmp: Path,
+        output: Path,
+        *,
+        home_only: bool,
     ) -> Decrypted:
         # gpg reads the ciphertext file itself and writes the plaintext to a pipe that this
         # process hashes and writes into ``tmp`` as it comes, on the other core (python-gnupg's
@@ -573,16 +581,12 @@ class Decryptor:
         # so a name that starts with "-" is never read as an option.
         args = [*_DECRYPT_ARGS, "--", str(source.absolute())]
         secret = self._secret()
-        try:
-            expected = source.stat().st_size
-        except OSError:
-            expected = 0  # gpg will say what is wrong with it
         # The lane is held only while gpg runs: the checks, fsync and rename below leave its
         # agent free for the next file.
         gpg, lane = self._take(home_only=home_only)
         try:
             command = gpg.make_args(args, self._passphrase is not None)
-            run = _run_gpg(command, gpg.env, secret, sink, expected)
+            run = _run_gpg(command, gpg.env, secret, sink, size)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 # gpg decrypts fine; the disk is full, not the file broken. Nothing is

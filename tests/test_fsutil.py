@@ -115,15 +115,14 @@ def test_writeback_of_a_resumed_file_counts_from_its_offset(disk_folder: Path) -
 
 # --- DirectWriter: big files straight to the disk ---------------------------------------------
 
-DIRECT_FILESYSTEMS = ("ext4", "xfs", "btrfs")
-
 
 def _direct_writer(path: Path) -> tuple[int, DirectWriter]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     writer = DirectWriter.attach(fd)
     assert writer is not None, (
         f"{path.parent} is on {filesystem_type(path.parent)}: these tests need one of "
-        f"{', '.join(DIRECT_FILESYSTEMS)} (disk_folder picks the project's disk over tmpfs)"
+        f"{', '.join(sorted(fsutil._DIRECT_FILESYSTEMS))} (disk_folder picks the project's disk "
+        "over tmpfs)"
     )
     return fd, writer
 
