@@ -1,3 +1,3 @@
-from statements.cli import main
+from statements.entry import main
 
 main()

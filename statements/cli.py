@@ -802,7 +802,8 @@ _M_ARENA_MAX = -8  # glibc's <malloc.h>
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script: run one command and exit with its status (sys.exit)."""
+    """Run one command and exit with its status (sys.exit); the console script is
+    :func:`statements.entry.main`, which imports this module and calls it."""
     _fewer_malloc_arenas()
     # What the imports made (pydantic's schemas above all) lives as long as the process.
     # Frozen, it is no longer walked by every full collection that the command's own objects
