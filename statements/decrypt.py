@@ -50,7 +50,7 @@ from typing import IO, Any, Literal
 
 from statements.agentlanes import clear_lanes, lanes_folder, make_lane, remove_lane
 from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
-from statements.fsutil import DirectWriter, Writeback, fsync_dir
+from statements.fsutil import DIRECT_WRITE_BYTES, DirectWriter, Writeback, fsync_dir
 from statements.keys.pgp import check_passphrase, gpg_time, open_gnupg, status_summary
 
 log = logging.getLogger(__name__)
@@ -874,7 +874,6 @@ _DECRYPT_ARGS = (
     "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
 )
 _PIPE_BYTES = 1 << 20  # a pipe that holds what gpg writes while this process hashes
-DIRECT_WRITE_BYTES = 16 << 20  # from this ciphertext size on, the plaintext skips the page cache
 _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
 
 

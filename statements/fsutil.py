@@ -25,6 +25,10 @@ from typing import BinaryIO
 PRIVATE_FILE = 0o600
 PUBLIC_FILE = 0o644
 PRIVATE_DIR = 0o700
+# From this size on, a new file is written past the page cache (DirectWriter) where the file
+# system allows: the ciphertext a download writes and the plaintext gpg gives. Below it, the
+# four 1 MiB buffers and the writer thread cost more than the cache does.
+DIRECT_WRITE_BYTES = 16 << 20
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -190,6 +194,16 @@ class DirectWriter:
         self._full.put((self._buffer, self._used))
         self._buffer = self._free.get()
         self._used = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Copy ``data`` into the buffers: for a caller whose bytes are already in memory."""
+        view = memoryview(data)
+        while view:
+            space = self.space()
+            count = min(len(space), len(view))
+            space[:count] = view[:count]
+            self.filled(count)
+            view = view[count:]
 
     def close(self) -> None:
         """Write what is left and wait for it; raise the first error writing met."""

@@ -42,7 +42,15 @@ from statements.archive import (
 from statements.config import Config
 from statements.decrypt import Decrypted, Decryptor, EarlyDecryption
 from statements.errors import DiskFull, ExitCode, KeyProblem, RemoteError, StatementsError
-from statements.fsutil import PRIVATE_DIR, PRIVATE_FILE, Writeback, atomic_write, fsync_dir
+from statements.fsutil import (
+    DIRECT_WRITE_BYTES,
+    PRIVATE_DIR,
+    PRIVATE_FILE,
+    DirectWriter,
+    Writeback,
+    atomic_write,
+    fsync_dir,
+)
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
 from statements.store import Listing, RemoteFile, RemoteSession, RemoteStore, Transient
@@ -183,11 +191,20 @@ class _HashingSink:
     """Writes through to the .part file, hashes what it writes and feeds an early decryption.
 
     The .part is unbuffered: each SFTP read goes straight to the file, so the writeback below
-    always knows how many bytes the file holds.
+    always knows how many bytes the file holds. With ``direct`` (a big file downloaded from its
+    first byte) the bytes go to the disk past the page cache instead, where the file system
+    allows (:class:`DirectWriter`): half the system time of writing them through the cache,
+    which `run` needs for gpg and the SSH transport on a two-core machine.
     """
 
     def __init__(
-        self, handle: io.FileIO, offset: int, digest: hashlib._Hash, early: EarlyDecryption | None
+        self,
+        handle: io.FileIO,
+        offset: int,
+        digest: hashlib._Hash,
+        early: EarlyDecryption | None,
+        *,
+        direct: bool = False,
     ) -> None:
         self.handle = handle
         self.digest = digest
@@ -195,23 +212,40 @@ class _HashingSink:
         self.written = 0
         self._offset = offset
         self._writeback = Writeback(handle.fileno(), offset)
+        # O_DIRECT writes must start on a block: only a .part written from its first byte.
+        self._direct = DirectWriter.attach(handle.fileno()) if direct and not offset else None
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            view = view[self.handle.write(view) or 0 :]
+        if self._direct is not None:
+            self._direct.write(data)
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[self.handle.write(view) or 0 :]
         self.digest.update(data)
         if self.early is not None:
             self.early.feed(data)
         self.written += len(data)
-        self._writeback.written(self._offset + self.written)
+        if self._direct is None:
+            self._writeback.written(self._offset + self.written)
         return len(data)
 
     def drain(self) -> None:
         """Everything given to :meth:`write` is in the file; raise what writing it raised."""
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
 
     def stop(self) -> None:
-        """Like :meth:`drain`, but raises nothing: for the way out after another error."""
+        """Like :meth:`drain`, but raises nothing: for the way out after another error.
+
+        What was received still goes to the file, for the resume: the .part must hold every
+        byte before its end, and as many as could be written.
+        """
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            with contextlib.suppress(OSError):
+                direct.close()
 
 
 class _BackgroundSink(_HashingSink):
@@ -226,9 +260,15 @@ class _BackgroundSink(_HashingSink):
     QUEUE_REPLIES = 32
 
     def __init__(
-        self, handle: io.FileIO, offset: int, digest: hashlib._Hash, early: EarlyDecryption | None
+        self,
+        handle: io.FileIO,
+        offset: int,
+        digest: hashlib._Hash,
+        early: EarlyDecryption | None,
+        *,
+        direct: bool = False,
     ) -> None:
-        super().__init__(handle, offset, digest, early)
+        super().__init__(handle, offset, digest, early, direct=direct)
         self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_REPLIES)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = threading.Thread(
@@ -253,11 +293,16 @@ class _BackgroundSink(_HashingSink):
                     self._error = exc
 
     def drain(self) -> None:
-        self.stop()
+        self._join()
         if self._error is not None:
             raise self._error
+        super().drain()
 
     def stop(self) -> None:
+        self._join()
+        super().stop()
+
+    def _join(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -349,7 +394,10 @@ def download_one(
             handle.seek(offset)
             handle.truncate()
             big = remote.size - offset >= BACKGROUND_WRITE_BYTES
-            sink = (_BackgroundSink if big else _HashingSink)(handle, offset, digest, stream)
+            direct = remote.size >= DIRECT_WRITE_BYTES
+            sink = (_BackgroundSink if big else _HashingSink)(
+                handle, offset, digest, stream, direct=direct
+            )
             try:
                 session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
                 sink.drain()

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +19,7 @@ import pytest
 from statements import pipeline
 from statements.archive import UnpackLimits
 from statements.errors import ExitCode, StatementsError
+from statements.fsutil import DirectWriter
 from statements.ledger import Ledger, ServerId
 from statements.pipeline import (
     ArchiveJob,
@@ -39,6 +40,7 @@ class FakeServer:
     explode_on: str | None = None  # a name whose download raises an unexpected error
     stop_after: tuple[int, threading.Event] | None = None  # set the event after N bytes
     downloads: list[str] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # where each download started
     connections: int = 0
 
     def connect(self) -> FakeSession:
@@ -62,6 +64,7 @@ class FakeSession:
         self, remote: RemoteFile, sink: BinaryIO, offset: int, progress: Callable[[int], None]
     ) -> None:
         self.server.downloads.append(remote.path)
+        self.server.offsets.append(offset)
         if remote.path == self.server.explode_on:
             raise RuntimeError("a bug in the transfer code")
         data = self.server.files[remote.path][0]
@@ -90,38 +93,60 @@ def inbox(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / ".inbox").iterdir()}
 
 
-@pytest.fixture(params=["in the reader", "on a writer thread"])
-def either_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run a download test with the .part written by the SFTP reader (small files) and by a
-    _BackgroundSink's thread (files of BACKGROUND_WRITE_BYTES and more): same outcome."""
-    if request.param == "on a writer thread":
+@pytest.fixture(params=["in the reader", "on a writer thread", "past the page cache"])
+def either_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run a download test with the .part written by the SFTP reader (small files), by a
+    _BackgroundSink's thread (files of BACKGROUND_WRITE_BYTES and more) and by that thread with
+    O_DIRECT writes (DIRECT_WRITE_BYTES and more, from the first byte): same outcome. The test
+    must write on disk_folder, where direct writes are possible."""
+    if request.param != "in the reader":
         monkeypatch.setattr(pipeline, "BACKGROUND_WRITE_BYTES", 1)
+    if request.param != "past the page cache":
+        yield
+        return
+    monkeypatch.setattr(pipeline, "DIRECT_WRITE_BYTES", 1)
+    monkeypatch.setattr(DirectWriter, "CHUNK", 4096)  # these files are a few KiB
+    attached: list[bool] = []
+    attach = DirectWriter.attach
+
+    def spying(fd: int) -> DirectWriter | None:
+        writer = attach(fd)
+        attached.append(writer is not None)
+        return writer
+
+    monkeypatch.setattr(DirectWriter, "attach", spying)
+    yield
+    assert attached, "no download was written direct"
+    assert all(attached), "direct writes were refused: the disk must be ext4, XFS or Btrfs"
 
 
-def test_fetch_plans_downloads_commits_and_then_skips(tmp_path: Path, either_sink: None) -> None:
+def test_fetch_plans_downloads_commits_and_then_skips(disk_folder: Path, either_sink: None) -> None:
     server = FakeServer({f"f{i}.pgp": (bytes([i]) * (5000 + i), 100) for i in range(7)})
-    with Ledger.open(tmp_path) as ledger:
-        first = fetch(server, tmp_path, ledger)
+    with Ledger.open(disk_folder) as ledger:
+        first = fetch(server, disk_folder, ledger)
         assert (first.fetched, first.skipped, first.refused, first.failures) == (7, 0, 1, [])
-        assert inbox(tmp_path) == {n: d for n, (d, _) in server.files.items()}
+        assert inbox(disk_folder) == {n: d for n, (d, _) in server.files.items()}
         assert ledger.refused_names(SERVER) == {"../x.pgp": "contains a path separator"}
-        second = fetch(server, tmp_path, ledger)
+        second = fetch(server, disk_folder, ledger)
         assert (second.fetched, second.skipped) == (0, 7)
     assert len(server.downloads) == 7
 
 
 def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(
-    tmp_path: Path, either_sink: None
+    disk_folder: Path, either_sink: None
 ) -> None:
     data = bytes(range(256)) * 100
     server = FakeServer({"big.pgp": (data, 5)}, drop_after=9000)
-    with Ledger.open(tmp_path) as ledger:
-        summary = fetch(server, tmp_path, ledger)
+    with Ledger.open(disk_folder) as ledger:
+        summary = fetch(server, disk_folder, ledger)
         rows = ledger.fetched_rows()
     assert summary.failures == []
-    assert inbox(tmp_path) == {"big.pgp": data}
+    assert inbox(disk_folder) == {"big.pgp": data}
     assert rows[0].sha256 == hashlib.sha256(data).hexdigest()
-    assert server.connections >= 3  # each drop costs a connection, not the file
+    # Each drop costs a connection, not the file, nor a byte received: every resume starts
+    # where the bytes received before the drop end (9000 is not a multiple of a direct
+    # writer's 4096-byte buffer: its partial buffer was written too).
+    assert server.offsets == [0, 9000, 18000]
 
 
 def test_no_progress_exhausts_retries_and_the_file_fails_alone(tmp_path: Path) -> None:
