@@ -94,7 +94,7 @@ def inbox(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(params=["in the reader", "on a writer thread", "past the page cache"])
-def either_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def each_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Run a download test with the .part written by the SFTP reader (small files), by a
     _BackgroundSink's thread (files of BACKGROUND_WRITE_BYTES and more) and by that thread with
     O_DIRECT writes (DIRECT_WRITE_BYTES and more, from the first byte): same outcome. The test
@@ -120,7 +120,7 @@ def either_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     assert all(attached), "direct writes were refused: the disk must be ext4, XFS or Btrfs"
 
 
-def test_fetch_plans_downloads_commits_and_then_skips(disk_folder: Path, either_sink: None) -> None:
+def test_fetch_plans_downloads_commits_and_then_skips(disk_folder: Path, each_sink: None) -> None:
     server = FakeServer({f"f{i}.pgp": (bytes([i]) * (5000 + i), 100) for i in range(7)})
     with Ledger.open(disk_folder) as ledger:
         first = fetch(server, disk_folder, ledger)
@@ -133,7 +133,7 @@ def test_fetch_plans_downloads_commits_and_then_skips(disk_folder: Path, either_
 
 
 def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(
-    disk_folder: Path, either_sink: None
+    disk_folder: Path, each_sink: None
 ) -> None:
     data = bytes(range(256)) * 100
     server = FakeServer({"big.pgp": (data, 5)}, drop_after=9000)
@@ -198,7 +198,7 @@ def test_stop_means_no_new_file_is_started(tmp_path: Path) -> None:
 
 
 def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(
-    tmp_path: Path, either_sink: None
+    tmp_path: Path, each_sink: None
 ) -> None:
     data = bytes(range(256)) * 200
     stop = threading.Event()
