@@ -38,6 +38,7 @@ def make_project(
     key_path: Path,
     known_hosts: str,
     extra: str = "",
+    retries: int = 2,
 ) -> Project:
     (root / "config").mkdir(parents=True)
     keys = root / "keys"
@@ -47,7 +48,7 @@ def make_project(
     (keys / "known_hosts").write_text(known_hosts)
     (root / "config" / "ibkr-statements.toml").write_text(
         f'[sftp]\nhost = "{host}"\nport = {port}\nusername = "{username}"\n'
-        f'remote_dir = "{remote_dir}"\ntimeout_s = 5\nretries = 2\nretry_backoff_s = 0.1\n'
+        f'remote_dir = "{remote_dir}"\ntimeout_s = 5\nretries = {retries}\nretry_backoff_s = 0.1\n'
         f"{extra}"
     )
     return Project(root)
@@ -317,8 +318,9 @@ def sandbox(tmp_path: Path, sshd: SshdServer) -> Iterator[SandboxServer]:
         yield server
 
 
-@pytest.fixture
-def sandbox_project(sandbox: SandboxServer, sshd: SshdServer, disk_folder: Path) -> Project:
+def _sandbox_project(
+    sandbox: SandboxServer, sshd: SshdServer, disk_folder: Path, retries: int
+) -> Project:
     return make_project(
         disk_folder / "sp",
         host=sandbox.host,
@@ -327,23 +329,38 @@ def sandbox_project(sandbox: SandboxServer, sshd: SshdServer, disk_folder: Path)
         remote_dir=".",
         key_path=sshd.client_key_path,
         known_hosts=sandbox.host_key_line() + "\n",
+        retries=retries,
     )
 
 
+@pytest.fixture
+def sandbox_project(sandbox: SandboxServer, sshd: SshdServer, disk_folder: Path) -> Project:
+    return _sandbox_project(sandbox, sshd, disk_folder, retries=2)
+
+
+@pytest.fixture
+def resuming_project(sandbox: SandboxServer, sshd: SshdServer, disk_folder: Path) -> Project:
+    """For the drop tests. Their connections end with bytes still on the way, which the client
+    never gets; on a loaded machine a whole connection can bring nothing, and three such in a
+    row used up retries = 2 (seen once in CI). Counting fruitless attempts is the product's
+    business; these tests are about resuming, so they allow more of them."""
+    return _sandbox_project(sandbox, sshd, disk_folder, retries=8)
+
+
 def test_dropped_connection_is_retried_and_resumed(
-    sandbox: SandboxServer, sandbox_project: Project, sshd: SshdServer
+    sandbox: SandboxServer, resuming_project: Project, sshd: SshdServer
 ) -> None:
     expected = reports(sandbox.root, 1, size=3_000_000)
     sandbox.faults.drop_after_bytes = 1_000_000
-    result = sandbox_project.run("-v", "fetch", env=env_for(sandbox_project, sshd))
+    result = resuming_project.run("-v", "fetch", env=env_for(resuming_project, sshd))
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stderr
-    assert {p.name: sha(p) for p in inbox(sandbox_project).iterdir()} == expected
+    assert {p.name: sha(p) for p in inbox(resuming_project).iterdir()} == expected
     assert sandbox.connections >= 3
 
 
 def test_a_big_download_written_direct_resumes_after_a_drop(
-    sandbox: SandboxServer, sandbox_project: Project, sshd: SshdServer
+    sandbox: SandboxServer, resuming_project: Project, sshd: SshdServer
 ) -> None:
     size = DIRECT_WRITE_BYTES + (4 << 20) + 12345
     ((name, digest),) = reports(sandbox.root, 1, size=size).items()
@@ -352,13 +369,13 @@ def test_a_big_download_written_direct_resumes_after_a_drop(
     # attempt) then resumed through the page cache from wherever that ended.
     limit = DIRECT_WRITE_BYTES + 4321
     sandbox.faults.drop_after_bytes = limit
-    result = sandbox_project.run("fetch", env=env_for(sandbox_project, sshd))
+    result = resuming_project.run("fetch", env=env_for(resuming_project, sshd))
     assert result.returncode == 0, result.stderr
     resumed = re.search(rf"resuming {re.escape(name)} at byte (\d+) of {size}\b", result.stderr)
     assert resumed is not None, result.stderr
     assert 0 < int(resumed[1]) <= limit
-    assert sha(inbox(sandbox_project) / name) == digest
-    assert_inbox_matches_ledger(sandbox_project)
+    assert sha(inbox(resuming_project) / name) == digest
+    assert_inbox_matches_ledger(resuming_project)
 
 
 def test_stalled_server_is_a_timeout_not_a_hang(
