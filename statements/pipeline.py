@@ -191,10 +191,9 @@ class _HashingSink:
     """Writes through to the .part file, hashes what it writes and feeds an early decryption.
 
     The .part is unbuffered: each SFTP read goes straight to the file, so the writeback below
-    always knows how many bytes the file holds. With ``direct`` (a big file downloaded from its
-    first byte) the bytes go to the disk past the page cache instead, where the file system
-    allows (:class:`DirectWriter`): half the system time of writing them through the cache,
-    which `run` needs for gpg and the SSH transport on a two-core machine.
+    always knows how many bytes the file holds. With a ``direct`` writer (see download_one) the
+    bytes go to the disk past the page cache instead: half the system time of writing them
+    through the cache, which `run` needs for gpg and the SSH transport on a two-core machine.
     """
 
     def __init__(
@@ -203,8 +202,7 @@ class _HashingSink:
         offset: int,
         digest: hashlib._Hash,
         early: EarlyDecryption | None,
-        *,
-        direct: bool = False,
+        direct: DirectWriter | None = None,
     ) -> None:
         self.handle = handle
         self.digest = digest
@@ -212,8 +210,7 @@ class _HashingSink:
         self.written = 0
         self._offset = offset
         self._writeback = Writeback(handle.fileno(), offset)
-        # O_DIRECT writes must start on a block: only a .part written from its first byte.
-        self._direct = DirectWriter.attach(handle.fileno()) if direct and not offset else None
+        self._direct = direct
 
     def write(self, data: bytes) -> int:
         if self._direct is not None:
@@ -265,10 +262,9 @@ class _BackgroundSink(_HashingSink):
         offset: int,
         digest: hashlib._Hash,
         early: EarlyDecryption | None,
-        *,
-        direct: bool = False,
+        direct: DirectWriter | None = None,
     ) -> None:
-        super().__init__(handle, offset, digest, early, direct=direct)
+        super().__init__(handle, offset, digest, early, direct)
         self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_REPLIES)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = threading.Thread(
@@ -394,10 +390,14 @@ def download_one(
             handle.seek(offset)
             handle.truncate()
             big = remote.size - offset >= BACKGROUND_WRITE_BYTES
-            direct = remote.size >= DIRECT_WRITE_BYTES
-            sink = (_BackgroundSink if big else _HashingSink)(
-                handle, offset, digest, stream, direct=direct
+            # O_DIRECT writes must start on a block: only a big .part written from byte 0.
+            direct = (
+                DirectWriter.attach(handle.fileno())
+                if not offset and remote.size >= DIRECT_WRITE_BYTES
+                else None
             )
+            kind = _BackgroundSink if big else _HashingSink
+            sink = kind(handle, offset, digest, stream, direct)
             try:
                 session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
                 sink.drain()

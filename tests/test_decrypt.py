@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 from statements.decrypt import (
-    DIRECT_WRITE_BYTES,
     Decrypted,
     DecryptFailed,
     Decryptor,
@@ -36,7 +35,7 @@ from statements.decrypt import (
     parse_status,
 )
 from statements.errors import ExitCode, KeyProblem
-from statements.fsutil import DirectWriter
+from statements.fsutil import DIRECT_WRITE_BYTES, DirectWriter
 from statements.keys.pgp import generate_pgp_key, stop_agent
 from tests.harness import cached_bytes, gpg_children
 
