@@ -865,10 +865,15 @@ class _GpgRun:
 
 
 # gpg's plaintext to a pipe (stdin is the passphrase, or the ciphertext of an early decryption).
+# Its stdout named as file descriptor 1 ("-&1"), not "-": gpg 2.2 writes "-" 4 KiB at a time and
+# a descriptor 8 KiB at a time, as it writes a named file. Half the writes: gpg's time for 1 GiB
+# into a pipe 1.62 -> 1.53 s (16 alternating pairs). Every path given to gpg is absolute, so
+# none reads as "-&N".
 _DECRYPT_ARGS = (
     "--decrypt",
+    "--enable-special-filenames",
     "--output",
-    "-",
+    "-&1",
     "--trust-model",
     "always",  # a signature is judged against signer_fingerprints, not the web of trust
     "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network

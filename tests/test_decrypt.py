@@ -258,6 +258,19 @@ def test_replaces_existing_output(world: World, tmp_path: Path, out_dir: Path) -
 
 
 @integration
+@pytest.mark.parametrize("name", ["-&0", "-&1"])
+def test_a_file_named_like_a_descriptor_is_read_as_that_file(
+    world: World, tmp_path: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # gpg runs with --enable-special-filenames (its plaintext goes to "-&1"), where "-&N" on
+    # its own means descriptor N: a report must reach gpg by a path that can never read so.
+    encrypt(world, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    result = decryptor(world).decrypt(Path(name), out_dir / "plain.xml")
+    assert (result.sha256, sha256(result.output)) == (sha256(world.plain), sha256(world.plain))
+
+
+@integration
 def test_encrypted_to_stranger_and_us(world: World, tmp_path: Path, out_dir: Path) -> None:
     source = encrypt(world, tmp_path / "f.pgp", to=(world.stranger_fpr, world.our_fpr))
     result = decryptor(world).decrypt(source, out_dir / "plain.xml")
