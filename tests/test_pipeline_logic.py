@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,10 @@ class FakeServer:
     downloads: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # where each download started
     connections: int = 0
+    chunk_pause: float = 0.0  # seconds per 1000 bytes served, so that downloads overlap
+    running: list[str] = field(default_factory=list)  # the downloads in progress
+    most_at_once: list[list[str]] = field(default_factory=list)  # running, at each start
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def connect(self) -> FakeSession:
         self.connections += 1
@@ -63,6 +68,18 @@ class FakeSession:
     def download(
         self, remote: RemoteFile, sink: BinaryIO, offset: int, progress: Callable[[int], None]
     ) -> None:
+        with self.server.lock:
+            self.server.running.append(remote.path)
+            self.server.most_at_once.append(list(self.server.running))
+        try:
+            self._download(remote, sink, offset, progress)
+        finally:
+            with self.server.lock:
+                self.server.running.remove(remote.path)
+
+    def _download(
+        self, remote: RemoteFile, sink: BinaryIO, offset: int, progress: Callable[[int], None]
+    ) -> None:
         self.server.downloads.append(remote.path)
         self.server.offsets.append(offset)
         if remote.path == self.server.explode_on:
@@ -74,6 +91,7 @@ class FakeSession:
                 raise Transient("connection dropped")
             sink.write(chunk)
             self.served += len(chunk)
+            time.sleep(self.server.chunk_pause)
             if self.server.stop_after and self.served >= self.server.stop_after[0]:
                 self.server.stop_after[1].set()  # as SIGTERM would, from another thread
             progress(len(chunk))
@@ -130,6 +148,26 @@ def test_fetch_plans_downloads_commits_and_then_skips(disk_folder: Path, each_si
         second = fetch(server, disk_folder, ledger)
         assert (second.fetched, second.skipped) == (0, 7)
     assert len(server.downloads) == 7
+
+
+@pytest.mark.parametrize("small_files", [0, 6])
+def test_at_most_two_big_downloads_run_at_once_while_small_ones_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_files: int
+) -> None:
+    # Each big download holds megabytes of buffers: with four workers on eight big reports,
+    # peak memory went over 100 MiB. The small files keep the other workers busy meanwhile.
+    monkeypatch.setattr(pipeline, "BACKGROUND_WRITE_BYTES", 20_000)
+    files = {f"big{i}.pgp": (bytes([i]) * 20_000, 100) for i in range(5)}
+    files |= {f"small{i}.pgp": (bytes([i]) * 5_000, 100) for i in range(small_files)}
+    server = FakeServer(files, chunk_pause=0.005)
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch_new(server, ledger, SERVER, tmp_path, workers=4, retries=2)  # type: ignore[arg-type]
+    assert (summary.fetched, summary.failures) == (len(files), [])
+    assert inbox(tmp_path) == {n: d for n, (d, _) in files.items()}
+    bigs_at_once = [sum(n.startswith("big") for n in running) for running in server.most_at_once]
+    assert max(bigs_at_once) == pipeline.BIG_DOWNLOADS_AT_ONCE == 2
+    if small_files:  # the other two workers were not left idle
+        assert max(map(len, server.most_at_once)) == 4
 
 
 def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(
