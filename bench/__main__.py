@@ -418,7 +418,8 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         *([("compare", f"[{o.compare[0]}]: statements from {o.compare[1]}")] if o.compare else []),
         (
             "runs",
-            f"{o.runs} per tool, interleaved; wall time spawn to exit; total "
+            f"{o.runs} per tool, interleaved (each round starts one tool on); wall time spawn "
+            f"to exit; total "
             f"{(time.monotonic() - started) / 60:.1f} min",
         ),
     ]

@@ -3,6 +3,11 @@
 A scenario is a list of tools, each a whole process prepared afresh for every run from a saved
 state; the runner interleaves them (ours, reference, ours, reference, ...) so that a change in
 the machine's load hits both, and checks every result file by file before its time counts.
+Each round starts one tool further on (A B C, B C A, C A B, ...), so that no tool always runs
+right after the same other one (with a fixed order, our 1 GiB decrypt always ran right after
+`sftp -b` had written its gigabyte, and `gpg -d` always after ours: a bias the table could not
+show). The first round keeps the declared order: a tool may save its first run as a state for
+one declared after it (Tool.keep_first).
 Before each run: the gpg-agent of the key is stopped (each run starts its own, as a nightly
 run does), the files a decrypt reads are read once (both decrypt from the page cache), dirty
 pages are written back (no run pays for another's writes) and, with the default
@@ -116,8 +121,10 @@ class Runner:
         self.memory = memory
 
     def run(self, scenario: Scenario) -> Scenario:
+        tools = scenario.tools
         for i in range(self.runs):
-            for tool in scenario.tools:
+            turn = i % len(tools)
+            for tool in tools[turn:] + tools[:turn]:
                 sample = self.once(scenario, tool, str(i))
                 tool.samples.append(sample)
                 rate = f", {tool.rate(sample.seconds)}" if tool.rate else ""
