@@ -14,6 +14,8 @@ processes in turn, ours and the reference, and checks every result before its ti
                 gpg --decrypt-files (issue 4); run vs reference.sh
   4. big        one 1 GiB report: fetch vs sftp -b (same cipher); decrypt vs gpg -d; run vs
                 reference.sh
+  5. many-big   8 reports of 48 MiB in one night: run vs reference.sh, and our peak memory
+                with several big downloads at once
 
 Both tools log in with the same unencrypted ed25519 key (ssh-agent would be needed for sftp with
 a passphrase) and use the same cipher, the same GnuPG home and the same PGP key.
@@ -50,8 +52,9 @@ from tests.sshd import SshdServer, make_client_keys, running_sshd
 SEED = 20260901
 NIGHT = date(2026, 9, 1)  # the night measured; the history ends the day before
 ACCOUNTS = 200  # an adviser's client accounts; five Flex queries each per day
-ALL = ("nightly", "noop", "first-sync", "big", "nightly-calibrated")
-DEFAULT = ("nightly", "noop", "first-sync", "big")
+ALL = ("nightly", "noop", "first-sync", "big", "many-big", "nightly-calibrated")
+DEFAULT = ("nightly", "noop", "first-sync", "big", "many-big")
+MANY_BIG = 8  # reports in scenario 5, each past pipeline's 16 MiB thresholds
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Options:
     first_sync: int
     first_sync_kib: int
     big_mib: int
+    many_big_mib: int
     pgp_bits: int
     s2k: str
     history_by_run: bool
@@ -99,6 +103,9 @@ def parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--first-sync", type=int, help="reports in the first sync (2000)")
     parser.add_argument("--first-sync-kib", type=int, default=20, help="their size (20)")
     parser.add_argument("--big-mib", type=int, help="the big report's size (default 1024)")
+    parser.add_argument(
+        "--many-big-mib", type=int, help="the size of scenario 5's reports (default 48)"
+    )
     parser.add_argument("--pgp-bits", type=int, help="RSA size of the PGP key (default 4096)")
     parser.add_argument(
         "--s2k",
@@ -160,6 +167,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         first_sync=args.first_sync or (100 if quick else 2000),
         first_sync_kib=args.first_sync_kib,
         big_mib=args.big_mib or (64 if quick else 1024),
+        many_big_mib=args.many_big_mib or (17 if quick else 48),
         pgp_bits=args.pgp_bits or (2048 if quick else 4096),
         s2k=args.s2k,
         history_by_run=bool(args.history_by_run),
@@ -213,6 +221,7 @@ class Corpora:
     new: Corpus
     first_sync: Corpus | None
     big: Corpus | None
+    many_big: Corpus | None
 
 
 def make_corpora(server: SshdServer, work: Path, keyring: pgp.Keyring, o: Options) -> Corpora:
@@ -243,13 +252,16 @@ def make_corpora(server: SshdServer, work: Path, keyring: pgp.Keyring, o: Option
     )
     new_names = corpus.flex_names(o.new, accounts, NIGHT)
     new = make("new", new_names, corpus.log_uniform_sizes(o.new, 5 * KIB, 5 * MIB, rng))
-    first = big = None
+    first = big = many = None
     if "first-sync" in o.scenarios:
         names = corpus.flex_names(o.first_sync, accounts, date(2025, 12, 31))
         first = make("first-sync", names, [o.first_sync_kib * KIB] * o.first_sync)
     if "big" in o.scenarios:
         big = make("big", [f"{accounts[0]}.Trade_History.20250101.20251231.xml"], [o.big_mib * MIB])
-    return Corpora(hist, small, new, first, big)
+    if "many-big" in o.scenarios:
+        names = [f"{a}.Trade_History.20250101.20251231.xml" for a in accounts[1 : 1 + MANY_BIG]]
+        many = make("many-big", names, [o.many_big_mib * MIB] * MANY_BIG)
+    return Corpora(hist, small, new, first, big, many)
 
 
 def make_history(
@@ -477,6 +489,11 @@ def _scenario(
         c = corpora.first_sync
         title = f"3. first sync: {c.count:,} x {o.first_sync_kib} KiB into an empty project"
         return scenarios.transfer(ctx, key, title, c, big=False)
+    if key == "many-big":
+        assert corpora.many_big is not None
+        c = corpora.many_big
+        title = f"5. many big: {c.count} x {o.many_big_mib} MiB in one night"
+        return scenarios.many_big(ctx, title, c)
     assert corpora.big is not None
     c = corpora.big
     title = f"4. big file: 1 x {o.big_mib:,} MiB ({c.cipher_bytes / 1e6:,.0f} MB encrypted)"

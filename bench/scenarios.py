@@ -558,6 +558,40 @@ def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -
     )
 
 
+def many_big(ctx: Context, title: str, corpus: Corpus) -> Scenario:
+    """Scenario 5: several big reports in one night: run vs reference.sh, and our peak memory.
+
+    Each big download holds megabytes of buffers while it runs; this is the scenario that
+    showed peak memory growing with [sftp] workers (pipeline._Downloads).
+    """
+    return Scenario(
+        "many-big",
+        title,
+        [
+            Tool(
+                "ours run",
+                _also_checking(
+                    ours(ctx, "run", corpus.folder, check=_says(rf"fetched {corpus.count} new")),
+                    lambda project: problem_with_archive(corpus.plain_digests, project / "archive"),
+                ),
+            ),
+            Tool(
+                "reference.sh",
+                reference(
+                    ctx,
+                    corpus.folder,
+                    check=lambda root, output: (
+                        _says(rf"fetched and archived {corpus.count} new")(output)
+                        or problem_with_archive(corpus.plain_digests, root)
+                    ),
+                ),
+            ),
+        ],
+        [Ratio("run / reference.sh", "ours run", "reference.sh", "time", 1.0)],
+        page_cache_bytes=corpus.cipher_bytes + corpus.plain_bytes,
+    )
+
+
 def add_twins(scenario: Scenario, label: str, pythonpath: Path) -> Scenario:
     """Each of our tools again with `statements` imported from ``pythonpath``, interleaved
     with the others: a before/after comparison under the same load."""
