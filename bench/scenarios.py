@@ -484,6 +484,33 @@ def noop(ctx: Context, small: NightlyStates, large: NightlyStates) -> Scenario:
     )
 
 
+def ours_archiving(
+    ctx: Context,
+    command: str,
+    corpus: Corpus,
+    state: State | None,
+    check: Check = lambda _output: None,
+) -> Callable[[Path], Job]:
+    """Our ``command`` on ``corpus`` into a project (fresh, or ``state``'s), whose archive must
+    then hold every report's plaintext."""
+    return _also_checking(
+        ours(ctx, command, corpus.folder, state=state, check=check),
+        lambda project: problem_with_archive(corpus.plain_digests, project / "archive"),
+    )
+
+
+def reference_archiving(ctx: Context, corpus: Corpus) -> Callable[[Path], Job]:
+    """reference.sh on ``corpus`` into an empty state: all of it new, every plaintext archived."""
+    return reference(
+        ctx,
+        corpus.folder,
+        check=lambda root, output: (
+            _says(rf"fetched and archived {corpus.count} new")(output)
+            or problem_with_archive(corpus.plain_digests, root)
+        ),
+    )
+
+
 def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -> Scenario:
     """Scenarios 3 and 4: a first sync of ``corpus`` into empty projects.
 
@@ -502,17 +529,11 @@ def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -
         lambda project: problem_with_copy(corpus.cipher_digests, project / "archive" / ".inbox"),
     )
 
-    def ours_with_archive(command: str, state: State | None) -> Callable[[Path], Job]:
-        return _also_checking(
-            ours(ctx, command, folder, state=state, check=lambda _o: None),
-            lambda project: problem_with_archive(corpus.plain_digests, project / "archive"),
-        )
-
     def ours_decrypt(path: Path) -> Job:
         # Its ciphertexts cached, as gpg's are: ours drops a download from the page cache as
         # it writes it (fsutil.Writeback), and a first read from this VM's disk took 2.4-3.4 s
         # where a cached one took 1.8-2.2 s; the decrypt figure is about decrypting, not disks.
-        job = ours_with_archive("decrypt", fetched_state)(path)
+        job = ours_archiving(ctx, "decrypt", corpus, fetched_state)(path)
         inbox = path / "project" / "archive" / ".inbox"
         return replace(job, inputs=tuple(inbox / r.remote_name for r in corpus.reports))
 
@@ -522,19 +543,8 @@ def transfer(ctx: Context, key: str, title: str, corpus: Corpus, *, big: bool) -
         Tool("sftp -b get", sftp_get_all(ctx, corpus), rate),
         Tool("ours decrypt", ours_decrypt, rate),
         Tool(gpg_name, gpg_decrypt(ctx, corpus), rate),
-        Tool("ours run", ours_with_archive("run", None), rate),
-        Tool(
-            "reference.sh",
-            reference(
-                ctx,
-                folder,
-                check=lambda root, output: (
-                    _says(rf"fetched and archived {corpus.count} new")(output)
-                    or problem_with_archive(corpus.plain_digests, root)
-                ),
-            ),
-            rate,
-        ),
+        Tool("ours run", ours_archiving(ctx, "run", corpus, None), rate),
+        Tool("reference.sh", reference_archiving(ctx, corpus), rate),
     ]
     fetch_goal, decrypt_goal = (0.5, 0.9) if big else (0.6, 1.0)
     return Scenario(
@@ -570,22 +580,9 @@ def many_big(ctx: Context, title: str, corpus: Corpus) -> Scenario:
         [
             Tool(
                 "ours run",
-                _also_checking(
-                    ours(ctx, "run", corpus.folder, check=_says(rf"fetched {corpus.count} new")),
-                    lambda project: problem_with_archive(corpus.plain_digests, project / "archive"),
-                ),
+                ours_archiving(ctx, "run", corpus, None, _says(rf"fetched {corpus.count} new")),
             ),
-            Tool(
-                "reference.sh",
-                reference(
-                    ctx,
-                    corpus.folder,
-                    check=lambda root, output: (
-                        _says(rf"fetched and archived {corpus.count} new")(output)
-                        or problem_with_archive(corpus.plain_digests, root)
-                    ),
-                ),
-            ),
+            Tool("reference.sh", reference_archiving(ctx, corpus)),
         ],
         [Ratio("run / reference.sh", "ours run", "reference.sh", "time", 1.0)],
         page_cache_bytes=corpus.cipher_bytes + corpus.plain_bytes,
