@@ -61,3 +61,27 @@ def test_python_dash_m_runs_the_same_command_line() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert __version__ in done.stdout
+
+
+def test_the_console_script_loads_paramiko_without_invoke() -> None:
+    # paramiko imports invoke (and invoke asyncio, unittest.mock, yaml) only for ssh_config's
+    # `Match exec`, which this tool never reads: 0.1 s of every connecting command's start.
+    probe = textwrap.dedent(
+        """
+        import json, sys
+        from statements.entry import keep_out_unused_imports
+        keep_out_unused_imports()
+        import paramiko.config
+        import statements.remote
+        heavy = ("invoke", "asyncio", "unittest.mock")
+        print(json.dumps({
+            "loaded": [name for name in heavy if sys.modules.get(name) is not None],
+            "paramiko_sees_no_invoke": paramiko.config.invoke is None,
+        }))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"loaded": [], "paramiko_sees_no_invoke": True}
