@@ -53,7 +53,14 @@ from statements.fsutil import (
 )
 from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, ServerId
 from statements.passphrase import PassphraseSource, read_passphrase
-from statements.store import Listing, RemoteFile, RemoteSession, RemoteStore, Transient
+from statements.store import (
+    FileVersion,
+    Listing,
+    RemoteFile,
+    RemoteSession,
+    RemoteStore,
+    Transient,
+)
 
 _T = TypeVar("_T")
 
@@ -158,7 +165,7 @@ def inbox_name_for(remote: RemoteFile, version: int) -> str:
 
 
 def plan(
-    listing_files: tuple[RemoteFile, ...], history: set[tuple[str, int, int]]
+    listing_files: tuple[RemoteFile, ...], history: set[FileVersion]
 ) -> tuple[list[PlannedFetch], int]:
     """The files to fetch (never fetched, or fetched with another size/mtime) and the skip count.
 
@@ -471,11 +478,13 @@ def fetch_new(
     progress = progress or NoProgress()
     stop = stop or threading.Event()
     summary = FetchSummary()
-    # Read beside the connect and the listing, which mostly wait for the server.
+    # Read beside the connect, which mostly waits for the server; the listing then leaves out
+    # (and counts) every file fetched before, as the server's answers arrive.
     history = _InBackground(functools.partial(ledger.history, server), "ledger-history")
     first = store.connect()
     try:
-        listing = _retrying_listing(store, first, retries)
+        fetched_before = history.result()
+        listing = _retrying_listing(store, first, retries, fetched_before)
         first = listing[1]
         files, refused = listing[0].files, listing[0].refused
         for item in refused:
@@ -488,7 +497,8 @@ def fetch_new(
         summary.refused = len(refused)
         if not dry_run and refused:
             ledger.record_refused(server, [(r.name, r.reason) for r in refused])
-        planned, summary.skipped = plan(files, history.result())
+        planned, skipped = plan(files, fetched_before)
+        summary.skipped = listing[0].known + skipped
         summary.new = planned
         if dry_run or not planned:
             return summary
@@ -543,11 +553,12 @@ class _InBackground(Generic[_T]):
 
 
 def _retrying_listing(
-    store: RemoteStore, session: RemoteSession, retries: int
+    store: RemoteStore, session: RemoteSession, retries: int, known: set[FileVersion]
 ) -> tuple[Listing, RemoteSession]:
+    """The listing without the ``known`` versions (counted in Listing.known)."""
     for attempt in range(retries + 1):
         try:
-            return session.list_files(), session
+            return session.list_files(known), session
         except Transient as exc:
             session.close()
             if attempt == retries:

@@ -8,7 +8,7 @@ Without paramiko: `decrypt` and `status` import the pipeline, and paramiko with 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple, Protocol
 
@@ -33,10 +33,15 @@ class Refused:
     reason: str
 
 
+# A file as fetched before: (remote path, size, mtime). Another size or mtime is a new version.
+FileVersion = tuple[str, int, int]
+
+
 @dataclass(frozen=True)
 class Listing:
-    files: tuple[RemoteFile, ...]
+    files: tuple[RemoteFile, ...]  # sorted by relative name
     refused: tuple[Refused, ...]
+    known: int = 0  # files left out of ``files`` as versions the caller said it already has
 
 
 class Transient(Exception):
@@ -46,7 +51,9 @@ class Transient(Exception):
 class RemoteSession(Protocol):
     """What the pipeline needs of a connection (real: :class:`SftpSession`)."""
 
-    def list_files(self) -> Listing: ...
+    def list_files(self, known: Container[FileVersion] = frozenset()) -> Listing:
+        """The folder's files, each name checked, without the versions in ``known``."""
+        ...
 
     def download(
         self, remote: RemoteFile, sink: BinaryIO, offset: int, progress: Callable[[int], None]

@@ -11,10 +11,12 @@ import base64
 import errno
 import os
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import paramiko
 import pytest
@@ -35,6 +37,7 @@ from paramiko.sftp import (
 from statements import remote
 from statements.config import Config, from_mapping
 from statements.errors import KeyProblem
+from statements.hostkeys import KnownHosts
 from statements.keys.ssh import load_private_key, rsa_numbers_fit
 from statements.remote import (
     FolderEntry,
@@ -43,6 +46,7 @@ from statements.remote import (
     SftpStore,
     list_folder_entries,
 )
+from statements.store import Refused
 from tests.sshd import ClientKeys, SshdServer, fingerprint
 
 # Far above what anything here takes, well below pytest's patience.
@@ -336,7 +340,10 @@ Answer = tuple[int, paramiko.Message]
 
 class _ScriptedSftp:
     """paramiko's request layer (the part list_folder_entries uses) with a scripted server
-    that answers in the order asked: READDIR number i on a handle gets ``readdir(i)``."""
+    that answers in the order asked: READDIR number i on a handle gets ``readdir(i)``.
+
+    Requests come through paramiko's ``_async_request`` or as SFTP packets written to the
+    channel (``_write_all``), numbered from paramiko's ``request_number``."""
 
     # raises EOFError or IOError
     _convert_status = paramiko.SFTPClient._convert_status  # type: ignore[attr-defined]
@@ -344,15 +351,39 @@ class _ScriptedSftp:
     def __init__(self, readdir: Callable[[int], Answer]) -> None:
         self.readdir = readdir
         self.log: list[int] = []  # request types, in the order sent
+        self.writes: list[list[int]] = []  # the request types of each write to the channel
         self.unread: dict[int, Answer] = {}
         self.unread_at_close: list[int] = []
         self._served = 0
+        self._lock = threading.Lock()
+        self._expecting: dict[int, object] = {}
+        self.request_number = 0
+        self.opened = b""  # the folder of the last OPENDIR
 
     def _adjust_cwd(self, path: str) -> bytes:
         return path.encode()
 
     def _async_request(self, fileobj: object, kind: int, *args: object) -> int:
-        num = len(self.log)
+        if kind == CMD_OPENDIR:
+            self.opened = cast(bytes, args[0])
+        num = self.request_number
+        self.request_number += 1
+        self.writes.append([kind])
+        self._serve(num, kind)
+        return num
+
+    def _write_all(self, data: bytes) -> None:
+        kinds = []
+        at = 0
+        while at < len(data):
+            length, kind, num = struct.unpack_from(">IBI", data, at)
+            assert self._expecting.pop(num) is not None and num < self.request_number
+            self._serve(num, kind)
+            kinds.append(kind)
+            at += 4 + length
+        self.writes.append(kinds)
+
+    def _serve(self, num: int, kind: int) -> None:
         self.log.append(kind)
         if kind == CMD_OPENDIR:
             self._served = 0
@@ -364,7 +395,6 @@ class _ScriptedSftp:
             self._served += 1
         elif kind == CMD_CLOSE:
             self.unread_at_close.append(len(self.unread))
-        return num
 
     def _read_response(self, num: int) -> Answer:
         kind, msg = self.unread.pop(num)
@@ -393,8 +423,23 @@ def test_every_request_past_the_end_is_answered_before_the_close() -> None:
     fake = _ScriptedSftp(_batches(["a", ".", "b"], ["..", "c"]))
     listed = list_folder_entries(_sftp(fake), "f")
     assert sorted(a.filename for a in listed) == ["a", "b", "c"]
-    # The window is refilled after each answer with names: two more than it holds.
-    assert fake.log.count(CMD_READDIR) == remote.READDIR_AHEAD + 2
+    # The window is topped up once half of it is answered: not after these three answers.
+    assert fake.log.count(CMD_READDIR) == remote.READDIR_AHEAD
+    assert fake.log[-1] == CMD_CLOSE and fake.unread_at_close == [0]
+
+
+def test_the_listing_tops_up_its_requests_in_batches_and_reads_every_answer() -> None:
+    ahead = remote.READDIR_AHEAD
+    answers = 3 * ahead  # with names; then the end
+    fake = _ScriptedSftp(_batches(*([f"n{i}.pgp"] for i in range(answers))))
+    listed = list_folder_entries(_sftp(fake), "f")
+    assert [a.filename for a in listed] == [f"n{i}.pgp" for i in range(answers)]
+    readdirs = [w for w in fake.writes if CMD_READDIR in w]
+    # One write for the first window, then one per half window answered, until the end.
+    assert readdirs[0] == [CMD_READDIR] * ahead
+    assert readdirs[1:] and all(w == [CMD_READDIR] * (ahead // 2) for w in readdirs[1:])
+    # Every answer up to the end was asked for, and no more than a window past it.
+    assert answers + 1 <= fake.log.count(CMD_READDIR) <= answers + 1 + ahead
     assert fake.log[-1] == CMD_CLOSE and fake.unread_at_close == [0]
 
 
@@ -431,6 +476,84 @@ def test_names_after_the_end_make_the_listing_start_again_unpipelined() -> None:
     assert sorted(a.filename for a in listed) == ["a", "b", "c"]
     assert fake.log.count(CMD_OPENDIR) == 2 and fake.log.count(CMD_CLOSE) == 2
     assert fake.log[-4:] == [CMD_READDIR, CMD_READDIR, CMD_READDIR, CMD_CLOSE]  # one at a time
+
+    # list_files scans the second listing afresh: nothing in it was listed twice.
+    listing = _session_on(_ScriptedSftp(rewinds)).list_files()
+    assert [f.relative for f in listing.files] == ["a", "b", "c"] and not listing.refused
+
+
+MTIME = 1_700_000_000
+
+
+def _session_on(fake: _ScriptedSftp, *, recursive: bool = False) -> remote.SftpSession:
+    """An SftpSession whose SFTP client is ``fake`` (no connection), listing folder "f"."""
+    session = object.__new__(remote.SftpSession)
+    known_hosts = KnownHosts(Path("known_hosts"), ())
+    session.settings = SftpSettings(
+        "h", 22, "u", known_hosts, remote_dir="f", patterns=("*",), recursive=recursive
+    )
+    session.sftp = _sftp(fake)
+    return session
+
+
+def _entries(entries: list[tuple[str, int, int]]) -> Answer:
+    """A NAME answer with (name, mode, size) entries."""
+    msg = paramiko.Message()
+    msg.add_int(len(entries))
+    for name, mode, size in entries:
+        attrs = paramiko.SFTPAttributes()
+        attrs.st_size, attrs.st_mode, attrs.st_uid, attrs.st_gid = size, mode, 0, 0
+        attrs.st_atime = attrs.st_mtime = MTIME
+        msg.add_string(name)
+        msg.add_string(name)
+        attrs._pack(msg)  # type: ignore[attr-defined]
+    return CMD_NAME, paramiko.Message(msg.asbytes())
+
+
+def test_a_listing_leaves_out_known_versions_and_refuses_a_name_listed_twice() -> None:
+    file, folder = 0o100644, 0o040755
+    answers = {
+        b"f": [
+            [("a.pgp", file, 1), ("b.pgp", file, 2), ("new-b.pgp", file, 7)],
+            [("a.pgp", file, 5), ("sub", folder, 0), ("sub", folder, 0), ("b.pgp", file, 9)],
+        ],
+        b"f/sub": [[("c.pgp", file, 3), ("d.pgp", file, 4)]],
+    }
+
+    def answer(i: int) -> Answer:
+        batches = answers[fake.opened]
+        return _entries(batches[i]) if i < len(batches) else (CMD_STATUS, _status(SFTP_EOF, ""))
+
+    fake = _ScriptedSftp(answer)
+    known = {("f/b.pgp", 2, MTIME), ("f/sub/c.pgp", 3, MTIME), ("f/new-b.pgp", 6, MTIME)}
+    listing = _session_on(fake, recursive=True).list_files(known)
+
+    # Left out: b.pgp and sub/c.pgp as they were; new-b.pgp changed size, so it is listed.
+    assert listing.known == 2
+    assert [(f.path, f.relative, f.size) for f in listing.files] == [
+        ("f/a.pgp", "a.pgp", 1),  # the first of its two entries
+        ("f/new-b.pgp", "new-b.pgp", 7),
+        ("f/sub/d.pgp", "sub/d.pgp", 4),
+    ]
+    twice = "listed more than once by the server"
+    assert listing.refused == (
+        Refused("a.pgp", twice),
+        Refused("sub", twice),
+        Refused("b.pgp", twice),
+    )
+    assert fake.log.count(CMD_OPENDIR) == 2  # f, and f/sub once
+
+    # Without known versions, the same listing has every file once.
+    fake = _ScriptedSftp(answer)
+    everything = _session_on(fake, recursive=True).list_files()
+    assert everything.known == 0
+    assert [f.relative for f in everything.files] == [
+        "a.pgp",
+        "b.pgp",
+        "new-b.pgp",
+        "sub/c.pgp",
+        "sub/d.pgp",
+    ]
 
 
 def test_a_listing_without_end_is_refused_after_the_bound(
