@@ -55,6 +55,7 @@ from statements.ledger import ArchivedFile, FetchedRow, Ledger, RunCounts, Serve
 from statements.passphrase import PassphraseSource, read_passphrase
 from statements.store import (
     FileVersion,
+    KnownVersions,
     Listing,
     RemoteFile,
     RemoteSession,
@@ -478,13 +479,12 @@ def fetch_new(
     progress = progress or NoProgress()
     stop = stop or threading.Event()
     summary = FetchSummary()
-    # Read beside the connect, which mostly waits for the server; the listing then leaves out
-    # (and counts) every file fetched before, as the server's answers arrive.
+    # Read beside the connect and the listing's first round trip, which wait for the server;
+    # the listing then leaves out (and counts) every file fetched before as the names arrive.
     history = _InBackground(functools.partial(ledger.history, server), "ledger-history")
     first = store.connect()
     try:
-        fetched_before = history.result()
-        listing = _retrying_listing(store, first, retries, fetched_before)
+        listing = _retrying_listing(store, first, retries, history.result)
         first = listing[1]
         files, refused = listing[0].files, listing[0].refused
         for item in refused:
@@ -497,7 +497,7 @@ def fetch_new(
         summary.refused = len(refused)
         if not dry_run and refused:
             ledger.record_refused(server, [(r.name, r.reason) for r in refused])
-        planned, skipped = plan(files, fetched_before)
+        planned, skipped = plan(files, history.result())
         summary.skipped = listing[0].known + skipped
         summary.new = planned
         if dry_run or not planned:
@@ -553,9 +553,9 @@ class _InBackground(Generic[_T]):
 
 
 def _retrying_listing(
-    store: RemoteStore, session: RemoteSession, retries: int, known: set[FileVersion]
+    store: RemoteStore, session: RemoteSession, retries: int, known: KnownVersions
 ) -> tuple[Listing, RemoteSession]:
-    """The listing without the ``known`` versions (counted in Listing.known)."""
+    """The listing without the ``known()`` versions (counted in Listing.known)."""
     for attempt in range(retries + 1):
         try:
             return session.list_files(known), session

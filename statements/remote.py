@@ -50,6 +50,7 @@ from statements.hostkeys import HostKey, KnownHosts, pin
 from statements.keys.ssh import SshPrivateKey, fingerprint_of_blob, load_private_key
 from statements.passphrase import PassphraseSource, read_passphrase
 from statements.store import FileVersion as FileVersion
+from statements.store import KnownVersions as KnownVersions
 from statements.store import Listing as Listing
 from statements.store import Refused as Refused
 from statements.store import RemoteFile as RemoteFile
@@ -521,7 +522,7 @@ class _FolderScan:
         prefix: str,
         patterns: re.Pattern[str],
         descend: bool,
-        known: Container[FileVersion],
+        known: KnownVersions,
     ):
         # posixpath.join(folder, name) for a name without "/", once per folder, not per name.
         self.joined = (
@@ -534,12 +535,15 @@ class _FolderScan:
         self.prefix = prefix
         self.matches = patterns.match
         self.descend = descend
-        self.known = known
+        self.known_versions = known
+        self.known: Container[FileVersion] | None = None  # known(), once names have arrived
         self.seen: set[str] = set()  # the names of this folder listed so far
 
     def __call__(self, entries: list[FolderEntry]) -> _ScannedBatch:
         joined, prefix, matches = self.joined, self.prefix, self.matches
         known, seen = self.known, self.seen
+        if known is None:
+            known = self.known = self.known_versions()
         files: list[RemoteFile] = []
         refused: list[Refused] = []
         subfolders: list[str] = []
@@ -608,7 +612,7 @@ class SftpSession:
         channel = self.sftp.get_channel()
         return channel is None or channel.closed or not self.transport.is_active()
 
-    def list_files(self, known: Container[FileVersion] = frozenset()) -> Listing:
+    def list_files(self, known: KnownVersions = lambda: frozenset()) -> Listing:
         files: list[RemoteFile] = []
         refused: list[Refused] = []
         left_out = self._walk(self.settings.remote_dir, "", files, refused, known, depth=0)
@@ -620,7 +624,7 @@ class SftpSession:
         prefix: str,
         files: list[RemoteFile],
         refused: list[Refused],
-        known: Container[FileVersion],
+        known: KnownVersions,
         depth: int,
     ) -> int:
         """Adds ``folder``'s files and refusals (and its subfolders', when recursive); returns

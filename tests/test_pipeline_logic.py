@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -28,7 +28,7 @@ from statements.pipeline import (
     fetch_new,
     repair_archive_state,
 )
-from statements.store import FileVersion, Listing, Refused, RemoteFile, Transient
+from statements.store import KnownVersions, Listing, Refused, RemoteFile, Transient
 
 SERVER = ServerId("h", 32, "u")
 LIMITS = UnpackLimits(max_members=100, max_unpacked_bytes=10**8, max_ratio=200)
@@ -58,15 +58,16 @@ class FakeSession:
     server: FakeServer
     served: int = 0
 
-    def list_files(self, known: Container[FileVersion] = frozenset()) -> Listing:
+    def list_files(self, known: KnownVersions = lambda: frozenset()) -> Listing:
+        versions = known()
         files = [
             RemoteFile(name, name, len(data), mtime)
             for name, (data, mtime) in sorted(self.server.files.items())
         ]
         return Listing(
-            tuple(f for f in files if (f.path, f.size, f.mtime) not in known),
+            tuple(f for f in files if (f.path, f.size, f.mtime) not in versions),
             (Refused("../x.pgp", "contains a path separator"),),
-            sum((f.path, f.size, f.mtime) in known for f in files),
+            sum((f.path, f.size, f.mtime) in versions for f in files),
         )
 
     def download(

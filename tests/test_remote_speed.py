@@ -526,7 +526,15 @@ def test_a_listing_leaves_out_known_versions_and_refuses_a_name_listed_twice() -
 
     fake = _ScriptedSftp(answer)
     known = {("f/b.pgp", 2, MTIME), ("f/sub/c.pgp", 3, MTIME), ("f/new-b.pgp", 6, MTIME)}
-    listing = _session_on(fake, recursive=True).list_files(known)
+    asked: list[bytes] = []  # the folder being listed when the known versions were asked for
+
+    def known_versions() -> set[tuple[str, int, int]]:
+        asked.append(fake.opened)
+        return known
+
+    listing = _session_on(fake, recursive=True).list_files(known_versions)
+    # Once per folder, and only when its names had arrived: the caller may still be reading them.
+    assert asked == [b"f", b"f/sub"]
 
     # Left out: b.pgp and sub/c.pgp as they were; new-b.pgp changed size, so it is listed.
     assert listing.known == 2
