@@ -1,8 +1,9 @@
 """The remote store as the pipeline sees it: files, listings, sessions, and a transient fault.
 
-Without paramiko: `decrypt` and `status` import the pipeline, and paramiko with what it imports
-(invoke, yaml, asyncio, ...) costs 0.12 s of every start. The SFTP implementation is
-:mod:`statements.remote`, imported only by the commands that connect.
+Without paramiko: `decrypt` and `status` import the pipeline, and importing paramiko costs
+0.1 s of every start (0.2 s with invoke, which the console script keeps out: see
+:mod:`statements.entry`). The SFTP implementation is :mod:`statements.remote`, imported only
+by the commands that connect.
 """
 
 from __future__ import annotations
