@@ -431,8 +431,7 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         (
             "runs",
             f"{o.runs} per tool, interleaved (each round starts one tool on); wall time spawn "
-            f"to exit; total "
-            f"{(time.monotonic() - started) / 60:.1f} min",
+            f"to exit; total {(time.monotonic() - started) / 60:.1f} min",
         ),
     ]
     width = max(len(k) for k, _ in header)

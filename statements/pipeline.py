@@ -484,9 +484,8 @@ def fetch_new(
     history = _InBackground(functools.partial(ledger.history, server), "ledger-history")
     first = store.connect()
     try:
-        listing = _retrying_listing(store, first, retries, history.result)
-        first = listing[1]
-        files, refused = listing[0].files, listing[0].refused
+        listing, first = _retrying_listing(store, first, retries, history.result)
+        files, refused = listing.files, listing.refused
         for item in refused:
             log.warning(
                 "refused remote file %s: %s",
@@ -498,7 +497,7 @@ def fetch_new(
         if not dry_run and refused:
             ledger.record_refused(server, [(r.name, r.reason) for r in refused])
         planned, skipped = plan(files, history.result())
-        summary.skipped = listing[0].known + skipped
+        summary.skipped = listing.known + skipped
         summary.new = planned
         if dry_run or not planned:
             return summary

@@ -57,6 +57,7 @@ from statements.store import RemoteFile as RemoteFile
 from statements.store import RemoteSession as RemoteSession
 from statements.store import RemoteStore as RemoteStore
 from statements.store import Transient as Transient
+from statements.store import nothing_known
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -215,7 +216,7 @@ def _read_folder(
         # the listing's own CPU time (a loopback send runs the receiver's TCP work too).
         if len(pending) <= ahead // 2:
             more = ahead - len(pending)
-            pending.extend(_send_requests(sftp, replies, CMD_READDIR, [(handle,)] * more))
+            pending.extend(_send_readdirs(sftp, replies, handle, more))
         try:
             kind, msg = _reply(sftp, replies, pending.popleft())
         except EOFError:
@@ -252,34 +253,21 @@ _U64 = struct.Struct(">Q")
 _ENTRY_MIN_BYTES = 12  # name length, longname length, attribute flags
 
 
-def _send_requests(
-    sftp: paramiko.SFTPClient,
-    replies: _Replies,
-    kind: int,
-    requests: Sequence[tuple[bytes | int | int64, ...]],
+def _send_readdirs(
+    sftp: paramiko.SFTPClient, replies: _Replies, handle: bytes, count: int
 ) -> list[int]:
-    """paramiko's ``_async_request(replies, kind, *args)`` for each of ``requests``, in one
-    write to the channel; the request numbers, in order."""
-    packets = []
-    numbers = []
+    """``count`` READDIRs on ``handle`` in one write to the channel, numbered and awaited as
+    paramiko's ``_async_request(replies, CMD_READDIR, handle)`` would; their numbers."""
     with sftp._lock:  # type: ignore[attr-defined]  # the numbering is paramiko's
-        for args in requests:
-            msg = paramiko.Message()
-            number = sftp.request_number
-            msg.add_int(number)
-            for item in args:
-                if isinstance(item, int64):
-                    msg.add_int64(item)
-                elif isinstance(item, int):
-                    msg.add_int(item)
-                else:
-                    msg.add_string(item)
+        first = sftp.request_number
+        sftp.request_number = first + count
+        numbers = list(range(first, first + count))
+        for number in numbers:
             sftp._expecting[number] = replies  # type: ignore[attr-defined]
-            sftp.request_number = number + 1
-            body = msg.asbytes()
-            packets.append(_PACKET_HEAD.pack(len(body) + 1, kind) + body)
-            numbers.append(number)
-    sftp._write_all(b"".join(packets))  # type: ignore[attr-defined]
+    head = _PACKET_HEAD.pack(9 + len(handle), CMD_READDIR)  # type, id, handle's length: 9 bytes
+    tail = _U32.pack(len(handle)) + handle
+    packets = b"".join(head + _U32.pack(number) + tail for number in numbers)
+    sftp._write_all(packets)  # type: ignore[attr-defined]
     return numbers
 
 
@@ -612,7 +600,7 @@ class SftpSession:
         channel = self.sftp.get_channel()
         return channel is None or channel.closed or not self.transport.is_active()
 
-    def list_files(self, known: KnownVersions = lambda: frozenset()) -> Listing:
+    def list_files(self, known: KnownVersions = nothing_known) -> Listing:
         files: list[RemoteFile] = []
         refused: list[Refused] = []
         left_out = self._walk(self.settings.remote_dir, "", files, refused, known, depth=0)

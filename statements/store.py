@@ -51,6 +51,11 @@ class Listing:
 KnownVersions = Callable[[], Container[FileVersion]]
 
 
+def nothing_known() -> Container[FileVersion]:
+    """For a listing of every file (as `doctor` shows it)."""
+    return frozenset()
+
+
 class Transient(Exception):
     """A fault worth another attempt: refused, reset, timeout, EOF during the handshake."""
 
@@ -58,7 +63,7 @@ class Transient(Exception):
 class RemoteSession(Protocol):
     """What the pipeline needs of a connection (real: :class:`SftpSession`)."""
 
-    def list_files(self, known: KnownVersions = lambda: frozenset()) -> Listing:
+    def list_files(self, known: KnownVersions = nothing_known) -> Listing:
         """The folder's files, each name checked, without the versions ``known()`` holds."""
         ...
 

@@ -28,7 +28,14 @@ from statements.pipeline import (
     fetch_new,
     repair_archive_state,
 )
-from statements.store import KnownVersions, Listing, Refused, RemoteFile, Transient
+from statements.store import (
+    KnownVersions,
+    Listing,
+    Refused,
+    RemoteFile,
+    Transient,
+    nothing_known,
+)
 
 SERVER = ServerId("h", 32, "u")
 LIMITS = UnpackLimits(max_members=100, max_unpacked_bytes=10**8, max_ratio=200)
@@ -58,7 +65,7 @@ class FakeSession:
     server: FakeServer
     served: int = 0
 
-    def list_files(self, known: KnownVersions = lambda: frozenset()) -> Listing:
+    def list_files(self, known: KnownVersions = nothing_known) -> Listing:
         versions = known()
         files = [
             RemoteFile(name, name, len(data), mtime)
