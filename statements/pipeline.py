@@ -399,21 +399,15 @@ def download_one(
         with os.fdopen(fd, "r+b", buffering=0) as handle:
             handle.seek(offset)
             handle.truncate()
-            big = remote.size - offset >= BACKGROUND_WRITE_BYTES
-            # O_DIRECT writes must start on a block: only a big .part written from byte 0.
-            direct = (
-                DirectWriter.attach(handle.fileno())
-                if not offset and remote.size >= DIRECT_WRITE_BYTES
-                else None
-            )
-            kind = _BackgroundSink if big else _HashingSink
-            sink = kind(handle, offset, digest, stream, direct)
+            sink: _HashingSink | None = None
             try:
+                sink = _open_sink(handle, offset, digest, stream, remote.size)
                 session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
                 sink.drain()
                 os.fsync(handle.fileno())
             finally:
-                sink.stop()  # a failed download keeps what was received, for the resume
+                if sink is not None:
+                    sink.stop()  # a failed download keeps what was received, for the resume
                 # The .part's mtime records which remote version its bytes belong to.
                 os.utime(part, (remote.mtime, remote.mtime))
                 if handle.tell() == 0 and remote.size:
@@ -433,7 +427,28 @@ def download_one(
         decrypted = stream.finish(final)
         if decrypted is not None:
             early.landed(planned.inbox_name, decrypted)
-    return _Done(planned, digest.hexdigest(), sink.written)
+    return _Done(planned, digest.hexdigest(), size - offset)
+
+
+def _open_sink(
+    handle: io.FileIO,
+    offset: int,
+    digest: hashlib._Hash,
+    stream: EarlyDecryption | None,
+    size: int,
+) -> _HashingSink:
+    """The sink for a .part at ``offset`` of a remote file of ``size`` bytes."""
+    # O_DIRECT writes must start on a block: only a big .part written from byte 0.
+    direct = (
+        DirectWriter.attach(handle.fileno()) if not offset and size >= DIRECT_WRITE_BYTES else None
+    )
+    kind = _BackgroundSink if size - offset >= BACKGROUND_WRITE_BYTES else _HashingSink
+    try:
+        return kind(handle, offset, digest, stream, direct)
+    except BaseException:  # no thread can be started, say: the direct writer's must stop too
+        if direct is not None:
+            direct.abort()
+        raise
 
 
 def _size_or_zero(path: Path) -> int:

@@ -285,6 +285,40 @@ def test_the_writer_thread_writes_and_hashes_every_reply_in_order(tmp_path: Path
     assert (digest.hexdigest(), sink.written) == (hashlib.sha256(whole).hexdigest(), len(whole) - 4)
 
 
+def test_a_download_whose_writer_thread_cannot_start_leaves_no_thread_and_no_part(
+    disk_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At a thread limit (ulimit -u, a container's pids.max) the part-writer cannot start: the
+    # download fails, the direct writer's thread, started just before it, stops, and no empty
+    # .part is left behind.
+    monkeypatch.setattr(pipeline, "BACKGROUND_WRITE_BYTES", 1)
+    monkeypatch.setattr(pipeline, "DIRECT_WRITE_BYTES", 1)
+    monkeypatch.setattr(DirectWriter, "CHUNK", 4096)
+    attached: list[DirectWriter | None] = []
+    attach = DirectWriter.attach
+
+    def spying(fd: int) -> DirectWriter | None:
+        attached.append(attach(fd))
+        return attached[-1]
+
+    monkeypatch.setattr(DirectWriter, "attach", spying)
+
+    def no_thread(*args: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(pipeline._BackgroundSink, "__init__", no_thread)
+    server = FakeServer({"f.pgp": (b"x" * 5000, 100)})
+    planned = pipeline.PlannedFetch(RemoteFile("f.pgp", "f.pgp", 5000, 100), 1, "f.pgp")
+    inbox_folder = disk_folder / ".inbox"
+    inbox_folder.mkdir()
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pipeline.download_one(server.connect(), planned, inbox_folder, lambda _count: None)  # type: ignore[arg-type]
+    assert attached and attached[0] is not None, "the .part was not opened for direct writes"
+    assert [t.name for t in threading.enumerate() if t not in before] == []
+    assert list(inbox_folder.iterdir()) == [] and server.downloads == []
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_write_error_on_the_writer_thread_reaches_the_reader_and_never_blocks_it() -> None:
     with open("/dev/full", "r+b", buffering=0) as handle:
