@@ -627,7 +627,8 @@ class Decryptor:
         return st, lines
 
     def start_early(self, name: str, folder: Path, size: int) -> EarlyDecryption | None:
-        """Start decrypting a file while it is still arriving; None if gpg cannot start.
+        """Start decrypting a file while it is still arriving; None if gpg or its threads
+        cannot start.
 
         The caller feeds it the file's bytes in order and then calls ``finish``; any doubt
         (gpg refused, stalled, the disk filled) makes ``finish`` return None, and the file is
@@ -1065,8 +1066,18 @@ class EarlyDecryption:
                 daemon=True,
             ),
         ]
-        for thread in self._threads:
-            thread.start()
+        started = 0
+        try:
+            for thread in self._threads:
+                thread.start()
+                started += 1
+        except RuntimeError as exc:  # no thread can be started: give up before the first byte
+            if not started:
+                os.close(read_end)  # the pump's, which never ran
+            self._threads = self._threads[:started]
+            self.abandon()
+            self._process.stderr.close()  # its reader, if it ran, is joined
+            raise OSError(errno.EAGAIN, f"cannot start a thread: {exc}") from exc
 
     def feed(self, data: bytes | memoryview) -> None:
         """Hand gpg the next bytes of the file; gives up (and returns) rather than stall."""

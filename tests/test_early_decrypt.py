@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,33 @@ def test_a_download_cut_midway_drops_its_early_decryption_and_resumes_without(
     finally:
         project.stop_agent()
     assert (root / ".inbox" / cut).read_bytes() == data == (root / ".inbox" / whole).read_bytes()
+
+
+@pytest.mark.parametrize("thread", ["gpg-early", "gpg-early-stderr"])
+def test_an_early_decryption_whose_thread_cannot_start_leaves_no_gpg_no_file_no_pipe(
+    keyed_project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread: str
+) -> None:
+    # At a thread limit: the file is then decrypted from the inbox as usual, and nothing of
+    # the attempt is left (the gpg it started, its temporary file, the plaintext pipe).
+    project = keyed_project.copy_to(tmp_path / "p")
+    decryptor = Decryptor(project.keys / "gnupg", passphrase=PGP_PASSPHRASE)
+    folder = tmp_path / "early"
+    folder.mkdir()
+    start = threading.Thread.start
+
+    def refusing(self: threading.Thread) -> None:
+        if self.name == thread:
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    try:
+        assert decryptor.start_early("f.pgp", folder, 10_000) is None
+    finally:
+        monkeypatch.undo()
+        decryptor.close()
+        project.stop_agent()
+    assert list(folder.iterdir()) == []
+    assert harness.gpg_children() == []
+    assert set(os.listdir("/proc/self/fd")) == fds
