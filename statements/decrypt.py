@@ -912,8 +912,8 @@ def _run_gpg(
     reader = threading.Thread(
         target=_read_all, args=(process.stderr, errors), name="gpg-stderr", daemon=True
     )
-    reader.start()
     try:
+        reader.start()
         with contextlib.suppress(BrokenPipeError):  # gpg may refuse before reading it
             process.stdin.write(secret)
         with contextlib.suppress(BrokenPipeError):
@@ -925,7 +925,10 @@ def _run_gpg(
     finally:
         os.close(read_end)
         process.wait()
-        reader.join()
+        if reader.ident is not None:  # None: it could not be started
+            reader.join()
+        else:
+            process.stderr.close()
     stderr = b"".join(errors).decode("utf-8", "replace")
     return _GpgRun(process.returncode, stderr, None, written, digest.hexdigest())
 

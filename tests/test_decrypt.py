@@ -1146,3 +1146,29 @@ def test_a_gpg_that_stops_reading_never_stalls_the_download(
     assert early.failed == "gpg read nothing for 0.5 s"
     assert early.finish(tmp_path / "f.pgp") is None
     assert list(folder.iterdir()) == []
+
+
+@integration
+def test_a_decryption_whose_stderr_reader_cannot_start_leaves_no_gpg_no_file_no_pipe(
+    world: World, tmp_path: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At a thread limit the decryption cannot go on; it must not leave a gpg waiting for its
+    # passphrase, a temporary file, or a pipe behind.
+    source = encrypt(world, tmp_path / "f.pgp")
+    dec = decryptor(world)
+    dec.preflight()
+    start = threading.Thread.start
+
+    def refusing(self: threading.Thread) -> None:
+        if self.name == "gpg-stderr":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        dec.decrypt(source, out_dir / "plain.xml")
+    monkeypatch.undo()
+    assert list(out_dir.iterdir()) == []
+    assert gpg_children() == []
+    assert set(os.listdir("/proc/self/fd")) == fds
