@@ -10,6 +10,7 @@ processes in turn, ours and the reference, and checks every result before its ti
   1b. nightly-calibrated   the same with the PGP key as `keys pgp` protects it (bench/pgp.py);
                 with --calibrated (about 1.5 minutes more)
   2. noop       nothing new, 200 vs 20,000 archived: how our run grows with the history
+                (as a ratio, and in seconds beside the seconds it adds to reference.sh)
   3. first-sync 2,000 x 20 KiB into an empty project: fetch vs sftp -b; decrypt vs ONE
                 gpg --decrypt-files (issue 4); run vs reference.sh
   4. big        one 1 GiB report: fetch vs sftp -b (same cipher); decrypt vs gpg -d; run vs

@@ -87,6 +87,11 @@ def scenario_table(scenario: Scenario) -> list[str]:
         if scenario.tool(ratio.ours).samples and scenario.tool(ratio.ref).samples:
             v = verdict(scenario, ratio)
             lines.append(f"  -> {v.label}: {v.text}")
+    for added in scenario.added:
+        more, less = scenario.tool(added.more), scenario.tool(added.less)
+        if more.samples and less.samples:
+            seconds = median_seconds(more) - median_seconds(less)
+            lines.append(f"  -> {added.label}: {seconds:+.2f} s")
     for twin in ["", *_twins(scenario)]:
         peak = rss_verdict(scenario, twin)
         if peak is not None:
