@@ -89,7 +89,11 @@ def parse(argv: Sequence[str] | None) -> Options:
         help="a smoke test of under a minute: 2,000/200 history, 10 new, 100 x 20 KiB,\n"
         "64 MiB, RSA-2048 PGP key, 1 run",
     )
-    parser.add_argument("--runs", type=int, help="runs per tool (default 3)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help=f"runs per tool (default 3; the no-op's at least {scenarios.NOOP_MIN_RUNS})",
+    )
     parser.add_argument(
         "--memory",
         choices=("warm", "as-is"),
@@ -318,6 +322,11 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _noop_runs(o: Options) -> str:
+    rounds = scenarios.rounds_of(o.runs, scenarios.NOOP_MIN_RUNS)
+    return f" ({rounds} for the no-op)" if "noop" in o.scenarios and rounds != o.runs else ""
+
+
 def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
     load_before = load()
     env = {**clients.clean_env(work / "pycache"), "COLUMNS": "200"}
@@ -431,8 +440,8 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         *([("compare", f"[{o.compare[0]}]: statements from {o.compare[1]}")] if o.compare else []),
         (
             "runs",
-            f"{o.runs} per tool, interleaved (each round starts one tool on); wall time spawn "
-            f"to exit; total {(time.monotonic() - started) / 60:.1f} min",
+            f"{o.runs} per tool{_noop_runs(o)}, interleaved (each round starts one tool on); "
+            f"wall time spawn to exit; total {(time.monotonic() - started) / 60:.1f} min",
         ),
     ]
     width = max(len(k) for k, _ in header)
