@@ -512,6 +512,9 @@ def fetch_new(
         if not dry_run and refused:
             ledger.record_refused(server, [(r.name, r.reason) for r in refused])
         planned, skipped = plan(files, history.result())
+        # Not held through the downloads: 350 bytes per version ever fetched (35 MiB at
+        # 100,000), which the downloads' buffers and gpg's pipes can reuse.
+        del history
         summary.skipped = listing.known + skipped
         summary.new = planned
         if dry_run or not planned:
