@@ -20,6 +20,11 @@ processes in turn, ours and the reference, and checks every result before its ti
 
 Both tools log in with the same unencrypted ed25519 key (ssh-agent would be needed for sftp with
 a passphrase) and use the same cipher, the same GnuPG home and the same PGP key.
+
+Every run also records the host's steal (bench/measure.py): on a shared VM whose neighbours take
+a fifth of its CPU time, a run is the host's figure more than the tool's. Judge the targets on a
+run whose steal column stays at a few percent; SIGTERM or Ctrl-C stops the sshd and the agents
+and deletes the work folder.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +46,7 @@ from typing import Literal
 
 import paramiko
 
-from bench import clients, corpus, history, pgp, report, scenarios
+from bench import clients, corpus, history, measure, pgp, report, scenarios
 from bench.clients import Login, Target
 from bench.corpus import KIB, MIB, Corpus
 from bench.history import OURS_MUTABLE, REFERENCE_MUTABLE, State
@@ -199,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not needed.exists():
             say(f"{needed} is missing: {fix}")
             return 2
+    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: the sshd, the agents and the
+    # temporary folder of gigabytes are cleaned up instead of left behind.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ibkr-bench-") as tmp:
         work = Path(tmp)
@@ -217,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ):
                     stop_agent(home)
     return code
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @dataclass(frozen=True)
@@ -329,6 +342,7 @@ def _noop_runs(o: Options) -> str:
 
 def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
     load_before = load()
+    jiffies_before = measure.cpu_jiffies()
     env = {**clients.clean_env(work / "pycache"), "COLUMNS": "200"}
     clients.compile_package(env, work)
     if o.compare is not None:
@@ -392,6 +406,7 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
     header = [
         ("machine", machine()),
         ("load average", f"{load_before} before, {load()} after (1, 5, 15 min)"),
+        ("host steal", _steal(measure.steal_between(jiffies_before, measure.cpu_jiffies()))),
         (
             "versions",
             f"paramiko {paramiko.__version__}; {clients.version_of(['ssh', '-V'])}; "
@@ -463,6 +478,9 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         "file and its ledger; sftp, gpg and reference.sh do not.",
         "CPU s and peak RSS are of the whole process tree the tool waited for (GNU time); the "
         "sshd and gpg-agent sides are not counted.",
+        "steal % = the share of both cores' time the hypervisor gave to other guests during a "
+        "tool's runs, median (max): above a few percent, figures (ours, which keeps two cores "
+        "busy, more than a one-core tool's) are the host's as much as the tools'.",
     ]
     if o.quick:
         lines.append(
@@ -473,6 +491,12 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
     for path in profiles:
         print(f"profile: {path}")
     return 0
+
+
+def _steal(share: float | None) -> str:
+    if share is None:
+        return "unknown (no /proc/stat)"
+    return f"{share:.1%} of both cores' time went to other guests while the benchmark ran"
 
 
 def _cipher(n: clients.Negotiated) -> str:

@@ -6,6 +6,10 @@ its own small process. Reading ru_maxrss here instead would be wrong twice over:
 child reports at least this benchmark's RSS, because Linux carries the high-water mark of the
 address space a child had before exec (subprocess spawns with vfork, sharing ours) into its
 ru_maxrss. GNU time waits for its child, so `sftp` is counted with the `ssh` it runs.
+
+Each sample also keeps the share of the machine's CPU time that the hypervisor gave to others
+while the run lasted ("steal" in /proc/stat): on a shared VM it is the noise no interleaving
+removes, and a tool that keeps two cores busy loses more to it than one that keeps one.
 """
 
 from __future__ import annotations
@@ -28,10 +32,31 @@ class Sample:
     seconds: float  # wall clock, spawn to exit
     cpu_seconds: float  # user + system of the child (and the descendants it waited for)
     max_rss_kib: int  # peak resident set size
+    steal: float | None = None  # the host's share of all cores' time during the run; None: unknown
 
 
 class ProcessFailed(RuntimeError):
     pass
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(stolen, total) clock ticks of all CPUs since boot, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal [guest guest_nice: counted in user]
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    ticks = [int(f) for f in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def run_measured(
@@ -43,6 +68,7 @@ def run_measured(
     usage_path = log_path.with_suffix(".usage")
     command = [GNU_TIME, "-o", str(usage_path), "-f", "%M %U %S", *argv]
     with log_path.open("wb") as log:
+        jiffies = cpu_jiffies()
         started = time.perf_counter()
         # A session of its own, so that a timeout ends the command and not only GNU time.
         process = subprocess.Popen(
@@ -67,9 +93,14 @@ def run_measured(
         timer.start()
         try:
             code = process.wait()
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the command must not run on
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
         finally:
             timer.cancel()
         seconds = time.perf_counter() - started
+        steal = steal_between(jiffies, cpu_jiffies())
         if expired.is_set():
             raise ProcessFailed(f"{argv[0]} did not finish within {timeout_s:g} s")
     if code != 0:
@@ -77,7 +108,7 @@ def run_measured(
         raise ProcessFailed(f"{' '.join(argv[:4])} ... exited with {code}:\n{tail}")
     # GNU time writes "Command exited with ..." lines before the format on failures.
     rss, user, system = usage_path.read_text().split()[-3:]
-    return Sample(seconds, float(user) + float(system), int(rss))
+    return Sample(seconds, float(user) + float(system), int(rss), steal)
 
 
 @dataclass(frozen=True)

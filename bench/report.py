@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.measure import Summary
+from bench.measure import Sample, Summary
 from bench.scenarios import Ratio, Scenario, Tool
 
 # The issue's "peak RSS < 100 MB", read strictly: 100,000,000 bytes, 95.4 MiB.
@@ -61,6 +63,14 @@ def rss_verdict(scenario: Scenario, twin: str = "") -> Verdict | None:
     return Verdict(f"ours peak RSS{f' [{twin}]' if twin else ''}", peak, text, met)
 
 
+def steal_text(samples: Sequence[Sample]) -> str:
+    """The host's steal over ``samples``: median (max), in percent; "-" when unknown."""
+    shares = [s.steal for s in samples if s.steal is not None]
+    if not shares:
+        return "-"
+    return f"{statistics.median(shares) * 100:.0f} ({max(shares) * 100:.0f})"
+
+
 def _twins(scenario: Scenario) -> list[str]:
     return sorted({t.name.rsplit(" [", 1)[1][:-1] for t in scenario.tools if " [" in t.name})
 
@@ -68,7 +78,7 @@ def _twins(scenario: Scenario) -> list[str]:
 def scenario_table(scenario: Scenario) -> list[str]:
     width = max(24, *(len(t.name) for t in scenario.tools))
     head = f"  {'tool':<{width}} {'wall s: median (min..max)':<27} {'spread':>6} "
-    head += f"{'rate':>15} {'CPU s':>7} {'peak RSS':>9}"
+    head += f"{'rate':>15} {'CPU s':>7} {'peak RSS':>9} {'steal %':>8}"
     lines = ["", scenario.title, head, "  " + "-" * (len(head) - 2)]
     for tool in scenario.tools:
         if not tool.samples:
@@ -81,7 +91,7 @@ def scenario_table(scenario: Scenario) -> list[str]:
         figures = f"{wall.median:.2f} ({wall.low:.2f}..{wall.high:.2f})"
         lines.append(
             f"  {tool.name:<{width}} {figures:<27} {spread:>5.0f}% {rate:>15} "
-            f"{cpu.median:>7.2f} {rss:>5.0f} MiB"
+            f"{cpu.median:>7.2f} {rss:>5.0f} MiB {steal_text(tool.samples):>8}"
         )
     for ratio in scenario.ratios:
         if scenario.tool(ratio.ours).samples and scenario.tool(ratio.ref).samples:

@@ -151,9 +151,10 @@ class Runner:
                 sample = self.once(scenario, tool, str(i))
                 tool.samples.append(sample)
                 rate = f", {tool.rate(sample.seconds)}" if tool.rate else ""
+                steal = "" if sample.steal is None else f", host steal {sample.steal:.0%}"
                 say(
                     f"  {scenario.key} {tool.name} {i + 1}/{rounds}: {sample.seconds:.2f} s"
-                    f"{rate}, {sample.max_rss_kib / 1024:.0f} MiB peak RSS"
+                    f"{rate}, {sample.max_rss_kib / 1024:.0f} MiB peak RSS{steal}"
                 )
         return scenario
 
