@@ -706,9 +706,7 @@ def _download_all(
         threading.Thread(target=worker, args=(i,), name=f"fetch-{i}", daemon=True)
         for i in range(count)
     ]
-    for thread in threads:
-        thread.start()
-    running = count
+    started = running = _start_pool(threads)
     while running:
         # What landed since the last commit is committed together: one fsync of the inbox
         # (making the renames durable) and one ledger transaction per batch, not per file.
@@ -733,7 +731,7 @@ def _download_all(
                 summary.abandoned += 1
             else:
                 summary.failures.append(FileFailure(result[0].remote.relative, result[1]))
-    for thread in threads:
+    for thread in threads[:started]:
         thread.join()
     for session in sessions:
         if session is not None and session is not first:
@@ -997,12 +995,39 @@ def _archive_in_parallel(
     threads = [
         threading.Thread(target=work, name=f"archive-{i}", daemon=True) for i in range(workers)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    for thread in threads[: _start_pool(threads)]:
         thread.join()
     if errors:
         raise errors[0]
+
+
+def _start_pool(threads: list[threading.Thread]) -> int:
+    """Start ``threads`` in order; how many started.
+
+    At a thread limit (ulimit -u, a container's pids.max) a pool goes on with the threads it
+    got: the run is slower, not failed, and no started worker is left running with nobody to
+    collect its results. Only a pool that gets no thread at all fails the run.
+    """
+    for count, thread in enumerate(threads):
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            kind = thread.name.rsplit("-", 1)[0]
+            if count == 0:
+                raise StatementsError(
+                    f"Cannot start a {kind} thread: this process is at its thread limit ({exc}).",
+                    "Raise the limit (`ulimit -u`, the container's pids.max); fewer [sftp] "
+                    "workers need fewer threads.",
+                ) from None
+            log.warning(
+                "only %d of %d %s threads could start (%s); going on with them",
+                count,
+                len(threads),
+                kind,
+                exc,
+            )
+            return count
+    return len(threads)
 
 
 def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: ArchiveSummary) -> None:

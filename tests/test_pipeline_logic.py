@@ -484,6 +484,81 @@ def test_a_stop_lets_parallel_archiving_finish_its_files_and_start_no_other(
     assert not (tmp_path / ".work").exists() or not any((tmp_path / ".work").iterdir())
 
 
+@pytest.fixture
+def thread_limit(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[str]]:
+    """refuse(prefix): threads whose name starts with ``prefix`` cannot start, as at a thread
+    limit (ulimit -u, a container's pids.max); returns the names refused so far."""
+    refused: list[str] = []
+    start = threading.Thread.start
+
+    def refuse(prefix: str) -> list[str]:
+        def limited(thread: threading.Thread) -> None:
+            if thread.name.startswith(prefix):
+                refused.append(thread.name)
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", limited)
+        return refused
+
+    return refuse
+
+
+def test_a_fetch_whose_pool_gets_fewer_threads_fetches_everything_with_them(
+    tmp_path: Path,
+    thread_limit: Callable[[str], list[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = FakeServer({f"f{i}.pgp": (bytes([i]) * (5000 + i), 100) for i in range(9)})
+    refused = thread_limit("fetch-2")
+    before = set(threading.enumerate())
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)  # three workers asked for
+        assert len(ledger.fetched_rows()) == 9
+    assert (summary.fetched, summary.failures) == (9, [])
+    assert inbox(tmp_path) == {n: d for n, (d, _) in server.files.items()}
+    assert refused == ["fetch-2"]
+    assert "only 2 of 3 fetch threads could start" in caplog.text
+    assert [t.name for t in threading.enumerate() if t not in before] == []
+
+
+def test_a_fetch_that_gets_no_thread_fails_and_downloads_nothing(
+    tmp_path: Path, thread_limit: Callable[[str], list[str]]
+) -> None:
+    server = FakeServer({f"f{i}.pgp": (b"x" * 5000, 100) for i in range(4)})
+    thread_limit("fetch-")
+    before = set(threading.enumerate())
+    with Ledger.open(tmp_path) as ledger, pytest.raises(StatementsError) as raised:
+        fetch(server, tmp_path, ledger)
+    assert "Cannot start a fetch thread" in raised.value.message
+    assert raised.value.hint is not None and "ulimit -u" in raised.value.hint
+    assert raised.value.exit_code == ExitCode.CONFIG
+    assert server.downloads == [] and inbox(tmp_path) == {}
+    assert [t.name for t in threading.enumerate() if t not in before] == []
+
+
+def test_archiving_whose_pool_gets_fewer_threads_files_everything_once(
+    tmp_path: Path,
+    thread_limit: Callable[[str], list[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    files = {f"U{1000000 + i}.Activity.20260901.20260901.xml.pgp": b"<a/>%d" % i for i in range(12)}
+    fetched_ledger(tmp_path, files)
+    refused = thread_limit("archive-1")
+    with Ledger.open(tmp_path) as ledger:
+        job = ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, True, None, workers=4)
+        summary = archive_inbox(ledger, job)
+        assert ledger.fetched_rows(("fetched",)) == []
+    assert (summary.processed, summary.failures) == (12, [])
+    assert refused == ["archive-1"]  # archive-2 and -3 were never tried
+    assert "only 1 of 4 archive threads could start" in caplog.text
+    tree = archived(tmp_path)
+    assert tree == {
+        f"{name.split('.')[0]}/2026/{name.removesuffix('.pgp')}": data
+        for name, data in files.items()
+    }
+
+
 def test_repair_looks_only_at_what_waits_in_the_inbox(tmp_path: Path) -> None:
     fetched_ledger(tmp_path, {f"old{i}.pgp": b"old" for i in range(600)})
     with Ledger.open(tmp_path) as ledger:
