@@ -1014,11 +1014,7 @@ def _start_pool(threads: list[threading.Thread]) -> int:
         except RuntimeError as exc:
             kind = thread.name.rsplit("-", 1)[0]
             if count == 0:
-                raise StatementsError(
-                    f"Cannot start a {kind} thread: this process is at its thread limit ({exc}).",
-                    "Raise the limit (`ulimit -u`, the container's pids.max); fewer [sftp] "
-                    "workers need fewer threads.",
-                ) from None
+                raise _thread_limit(kind, exc) from None
             log.warning(
                 "only %d of %d %s threads could start (%s); going on with them",
                 count,
@@ -1028,6 +1024,14 @@ def _start_pool(threads: list[threading.Thread]) -> int:
             )
             return count
     return len(threads)
+
+
+def _thread_limit(kind: str, exc: RuntimeError) -> StatementsError:
+    return StatementsError(
+        f"Cannot start the {kind} threads: this process is at its thread limit ({exc}).",
+        "Raise the limit (`ulimit -u`, the container's pids.max); fewer [sftp] workers need "
+        "fewer threads.",
+    )
 
 
 def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: ArchiveSummary) -> None:
@@ -1325,7 +1329,12 @@ def run_from_config(
         landed = threading.Event()
         stop = stop or threading.Event()
         archiver = _Archiver(job, landed, stop)
-        archiver.start()
+        try:
+            archiver.start()
+        except RuntimeError as exc:
+            no_thread = _thread_limit("archive", exc)
+            _failed(ledger, run_id, no_thread, RunCounts())
+            raise no_thread from None
         failure: StatementsError | None = None
         try:
             fetch = fetch_new(

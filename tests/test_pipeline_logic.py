@@ -530,7 +530,7 @@ def test_a_fetch_that_gets_no_thread_fails_and_downloads_nothing(
     before = set(threading.enumerate())
     with Ledger.open(tmp_path) as ledger, pytest.raises(StatementsError) as raised:
         fetch(server, tmp_path, ledger)
-    assert "Cannot start a fetch thread" in raised.value.message
+    assert "Cannot start the fetch threads" in raised.value.message
     assert raised.value.hint is not None and "ulimit -u" in raised.value.hint
     assert raised.value.exit_code == ExitCode.CONFIG
     assert server.downloads == [] and inbox(tmp_path) == {}

@@ -8,12 +8,16 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from statements import config, pipeline
+from statements.errors import ExitCode, StatementsError
+from statements.ledger import Ledger
 from tests import harness
 from tests.clitools import PGP_PASSPHRASE, Project
 from tests.harness import make_sender, sha, sshd_project, stranger_key
@@ -228,3 +232,38 @@ def test_decrypt_without_a_secret_key_is_a_key_problem(
     result = run_project.run("run", env=env_for(run_project, sshd))
     assert result.returncode == 3
     assert "keys pgp" in result.stderr
+
+
+def test_a_run_that_cannot_start_its_archiver_fails_with_the_limit_and_records_it(
+    run_project: Project,
+    sshd: SshdServer,
+    sftp_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At a thread limit (ulimit -u, a container's pids.max): a clear error and a failed run in
+    # the ledger, not a traceback and a run left "started" for ever; nothing is downloaded.
+    (sftp_dir / "U1234567.Trade_History.20260901.20260901.xml.pgp").write_bytes(b"ciphertext")
+    monkeypatch.setenv("IBKR_SSH_PASSPHRASE", sshd.client_key_passphrase or "")
+    monkeypatch.setenv("IBKR_PGP_PASSPHRASE", PGP_PASSPHRASE)
+    start = threading.Thread.start
+
+    def limited(thread: threading.Thread) -> None:
+        if thread.name == "archiver":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", limited)
+    before = set(threading.enumerate())
+    with pytest.raises(StatementsError) as raised:
+        pipeline.run_from_config(config.load(run_project.config))
+    assert "Cannot start the archive threads" in raised.value.message
+    assert "can't start new thread" in raised.value.message
+    assert raised.value.exit_code == ExitCode.CONFIG
+    with Ledger.open(run_project.root / "archive") as ledger:
+        (last,) = ledger.recent_runs()
+        assert (last.result, last.exit_code) == ("failed", int(ExitCode.CONFIG))
+        assert last.message is not None and "thread limit" in last.message
+        assert ledger.fetched_rows() == []
+    inbox = run_project.root / "archive" / ".inbox"
+    assert not inbox.exists() or list(inbox.iterdir()) == []
+    assert [t.name for t in threading.enumerate() if t not in before] == []
