@@ -14,6 +14,7 @@ removes, and a tool that keeps two cores busy loses more to it than one that kee
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GNU_TIME = "/usr/bin/time"
+STOP_GRACE_S = 10.0  # an interrupted command's time to stop on SIGTERM
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,7 @@ def run_measured(
         try:
             code = process.wait()
         except BaseException:  # interrupted (Ctrl-C, SIGTERM): the command must not run on
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _stop(process)
             raise
         finally:
             timer.cancel()
@@ -109,6 +110,25 @@ def run_measured(
     # GNU time writes "Command exited with ..." lines before the format on failures.
     rss, user, system = usage_path.read_text().split()[-3:]
     return Sample(seconds, float(user) + float(system), int(rss), steal)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the command's process group, SIGKILL to what is left of it after
+    STOP_GRACE_S: our `run` stops its gpg-agents on SIGTERM, and a SIGKILL would leave them
+    running. The group is waited for, not only GNU time, which dies first."""
+    os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        process.poll()  # reaps GNU time; the group lives on while any member does
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @dataclass(frozen=True)
