@@ -553,7 +553,10 @@ class _InBackground(Generic[_T]):
     def __init__(self, call: Callable[[], _T], name: str) -> None:
         self._outcome: tuple[_T] | BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:  # at a thread limit: run it here, before the connection, not beside it
+            self._run(call)
 
     def _run(self, call: Callable[[], _T]) -> None:
         try:
@@ -562,7 +565,8 @@ class _InBackground(Generic[_T]):
             self._outcome = exc
 
     def result(self) -> _T:
-        self._thread.join()
+        if self._thread.ident is not None:  # None: it never started, and the call is done
+            self._thread.join()
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         assert self._outcome is not None

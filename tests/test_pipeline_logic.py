@@ -522,6 +522,20 @@ def test_a_fetch_whose_pool_gets_fewer_threads_fetches_everything_with_them(
     assert [t.name for t in threading.enumerate() if t not in before] == []
 
 
+def test_a_fetch_whose_history_loader_cannot_start_loads_it_in_line_and_skips_known_files(
+    tmp_path: Path, thread_limit: Callable[[str], list[str]]
+) -> None:
+    server = FakeServer({f"f{i}.pgp": (bytes([i]) * 5000, 100) for i in range(4)})
+    with Ledger.open(tmp_path) as ledger:
+        assert fetch(server, tmp_path, ledger).fetched == 4
+        refused = thread_limit("ledger-history")
+        server.files["new.pgp"] = (b"new" * 2000, 100)
+        again = fetch(server, tmp_path, ledger)
+    assert refused == ["ledger-history"]
+    assert (again.fetched, again.skipped, again.failures) == (1, 4, [])
+    assert server.downloads.count("f0.pgp") == 1 and server.downloads[-1] == "new.pgp"
+
+
 def test_a_fetch_that_gets_no_thread_fails_and_downloads_nothing(
     tmp_path: Path, thread_limit: Callable[[str], list[str]]
 ) -> None:
