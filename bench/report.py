@@ -106,6 +106,9 @@ def scenario_table(scenario: Scenario) -> list[str]:
         peak = rss_verdict(scenario, twin)
         if peak is not None:
             lines.append(f"  -> {peak.label}: {peak.text}")
+    if scenario.measured_again:
+        kept = f"; {scenario.kept_stolen} kept over it" if scenario.kept_stolen else ""
+        lines.append(f"  runs measured again for host steal: {scenario.measured_again}{kept}")
     lines += [f"  {note}" for note in scenario.notes]
     return lines
 
