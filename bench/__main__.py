@@ -497,8 +497,9 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         "CPU s and peak RSS are of the whole process tree the tool waited for (GNU time); the "
         "sshd and gpg-agent sides are not counted.",
         "steal % = the share of both cores' time the hypervisor gave to other guests during a "
-        "tool's runs, median (max): above a few percent, figures (ours, which keeps two cores "
-        "busy, more than a one-core tool's) are the host's as much as the tools'.",
+        "tool's runs, median (max): above a few percent, figures are the host's as much as the "
+        "tools' (and ours, which keeps both cores busy, lost more to it here than the "
+        "references did).",
     ]
     if o.quick:
         lines.append(

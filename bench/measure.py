@@ -9,7 +9,8 @@ ru_maxrss. GNU time waits for its child, so `sftp` is counted with the `ssh` it 
 
 Each sample also keeps the share of the machine's CPU time that the hypervisor gave to others
 while the run lasted ("steal" in /proc/stat): on a shared VM it is the noise no interleaving
-removes, and a tool that keeps two cores busy loses more to it than one that keeps one.
+removes, and in the runs measured here ours, which keeps both cores busy, lost more to it than
+the references did.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the command's process group, SIGKILL to what is left of it after
     STOP_GRACE_S: our `run` stops its gpg-agents on SIGTERM, and a SIGKILL would leave them
     running. The group is waited for, not only GNU time, which dies first."""
-    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+        os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline:
         process.poll()  # reaps GNU time; the group lives on while any member does
