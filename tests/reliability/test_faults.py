@@ -555,14 +555,34 @@ def setup_bytes(proxy: LineProxy, sshd: SshdServer) -> SetupBytes:
             key_exchange = proxy.total
             transport.auth_publickey(sshd.username, key)
             login = proxy.total
-            time.sleep(0.5)  # what sshd sends unasked right after login arrives
-            settled = proxy.total
+            settled = quiet_total(proxy, beyond=login)  # sshd's host keys, sent unasked
             paramiko.SFTPClient.from_transport(transport)
             sftp = proxy.total
         finally:
             transport.close()
     assert key_exchange < login < settled < sftp, (key_exchange, login, settled, sftp)
     return SetupBytes(key_exchange, login, sftp)
+
+
+def quiet_total(
+    proxy: LineProxy, *, beyond: int, quiet_s: float = 0.3, limit_s: float = 20.0
+) -> int:
+    """proxy.total once it has passed ``beyond`` and then grown no more for ``quiet_s``.
+
+    A fixed half-second wait for sshd's unasked message after login came back empty on a host
+    whose hypervisor held back most of its CPU time; this waits for the bytes themselves,
+    at most ``limit_s``.
+    """
+    deadline = time.monotonic() + limit_s
+    total, since = proxy.total, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = proxy.total
+        if now != total:
+            total, since = now, time.monotonic()
+        elif total > beyond and time.monotonic() - since >= quiet_s:
+            break
+    return total
 
 
 # --- connection cut ----------------------------------------------------------------------------
