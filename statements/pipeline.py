@@ -1031,10 +1031,11 @@ def _start_pool(threads: list[threading.Thread]) -> int:
 
 
 def _thread_limit(kind: str, exc: RuntimeError) -> StatementsError:
+    # Only the fetch's threads follow a setting; the archive's follow the cores (gpg_lanes).
+    fewer = "; fewer [sftp] workers need fewer threads" if kind == "fetch" else ""
     return StatementsError(
         f"Cannot start the {kind} threads: this process is at its thread limit ({exc}).",
-        "Raise the limit (`ulimit -u`, the container's pids.max); fewer [sftp] workers need "
-        "fewer threads.",
+        f"Raise the limit (`ulimit -u`, the container's pids.max){fewer}.",
     )
 
 

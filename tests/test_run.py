@@ -258,6 +258,8 @@ def test_a_run_that_cannot_start_its_archiver_fails_with_the_limit_and_records_i
         pipeline.run_from_config(config.load(run_project.config))
     assert "Cannot start the archive threads" in raised.value.message
     assert "can't start new thread" in raised.value.message
+    hint = raised.value.hint or ""
+    assert "ulimit -u" in hint and "workers" not in hint  # the archive's threads follow the cores
     assert raised.value.exit_code == ExitCode.CONFIG
     with Ledger.open(run_project.root / "archive") as ledger:
         (last,) = ledger.recent_runs()
