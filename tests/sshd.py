@@ -34,9 +34,12 @@ PRIVSEP_DIR = Path("/run/sshd")
 HOST = "127.0.0.1"
 CLIENT_PASSPHRASE = "client_passphrase"
 
-_READY_TIMEOUT_S = 10.0
+_READY_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _INSTALL_TIMEOUT_S = 600.0
+# An RSA-3072 host key takes ssh-keygen about a second; a fresh CI machine whose hypervisor
+# held back most of its CPU took over 60 s (2026-11-22), which failed every sshd test at once.
+_KEYGEN_TIMEOUT_S = 240.0
 _PORT_ATTEMPTS = 5
 
 
@@ -207,7 +210,7 @@ def _make_host_keys(folder: Path) -> tuple[Path, ...]:
         command = [SSH_KEYGEN, "-q", "-N", "", "-C", "", "-t", kind, "-f", str(path)]
         if bits is not None:
             command[1:1] = ["-b", bits]
-        subprocess.run(command, check=True, capture_output=True, timeout=60)
+        subprocess.run(command, check=True, capture_output=True, timeout=_KEYGEN_TIMEOUT_S)
         paths.append(path)
     return tuple(paths)
 
@@ -286,10 +289,10 @@ def _check_login(server: SshdServer) -> None:
     key = paramiko.RSAKey.from_private_key_file(
         str(server.client_key_path), password=server.client_key_passphrase
     )
-    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+    with socket.create_connection((server.host, server.port), timeout=_READY_TIMEOUT_S) as sock:
         transport = paramiko.Transport(sock)
         try:
-            transport.start_client(timeout=10)
+            transport.start_client(timeout=_READY_TIMEOUT_S)
             host_key = transport.get_remote_server_key()
             if not host_keys.check(f"[{server.host}]:{server.port}", host_key):
                 raise RuntimeError(f"sshd presented an unexpected host key {host_key.get_name()}")
