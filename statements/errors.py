@@ -64,6 +64,20 @@ class LockHeld(StatementsError):
     exit_code = ExitCode.LOCKED
 
 
+class ThreadLimit(StatementsError):
+    """This process may start no more threads (``ulimit -u``, a container's pids.max)."""
+
+    exit_code = ExitCode.CONFIG
+
+    @classmethod
+    def reached(cls, what: str, exc: BaseException, *, fewer: str = "") -> ThreadLimit:
+        """``what`` could not start; ``fewer`` names a setting that needs fewer threads."""
+        return cls(
+            f"Cannot start the {what}: this process is at its thread limit ({exc}).",
+            f"Raise the limit (`ulimit -u`, the container's pids.max){fewer}.",
+        )
+
+
 class DiskFull(StatementsError):
     """No space left where we write: not the file's fault, so it is never quarantined."""
 

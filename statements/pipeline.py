@@ -41,7 +41,14 @@ from statements.archive import (
 )
 from statements.config import Config
 from statements.decrypt import Decrypted, Decryptor, EarlyDecryption
-from statements.errors import DiskFull, ExitCode, KeyProblem, RemoteError, StatementsError
+from statements.errors import (
+    DiskFull,
+    ExitCode,
+    KeyProblem,
+    RemoteError,
+    StatementsError,
+    ThreadLimit,
+)
 from statements.fsutil import (
     DIRECT_WRITE_BYTES,
     PRIVATE_DIR,
@@ -1033,10 +1040,7 @@ def _start_pool(threads: list[threading.Thread]) -> int:
 def _thread_limit(kind: str, exc: RuntimeError) -> StatementsError:
     # Only the fetch's threads follow a setting; the archive's follow the cores (gpg_lanes).
     fewer = "; fewer [sftp] workers need fewer threads" if kind == "fetch" else ""
-    return StatementsError(
-        f"Cannot start the {kind} threads: this process is at its thread limit ({exc}).",
-        f"Raise the limit (`ulimit -u`, the container's pids.max){fewer}.",
-    )
+    return ThreadLimit.reached(f"{kind} threads", exc, fewer=fewer)
 
 
 def archive_one(row: FetchedRow, ledger: Ledger, job: ArchiveJob, summary: ArchiveSummary) -> None:

@@ -45,7 +45,7 @@ from paramiko.sftp import (
 )
 
 from statements.config import Config
-from statements.errors import KeyProblem, RemoteError, UsageError
+from statements.errors import KeyProblem, RemoteError, ThreadLimit, UsageError
 from statements.hostkeys import HostKey, KnownHosts, pin
 from statements.keys.ssh import SshPrivateKey, fingerprint_of_blob, load_private_key
 from statements.passphrase import PassphraseSource, read_passphrase
@@ -967,7 +967,7 @@ def _negotiate(s: SftpSettings, transport: paramiko.Transport) -> tuple[HostKey,
     pinned = s.known_hosts.keys_for(s.host, s.port)
     options.key_types = tuple(_host_key_types(pinned, options.key_types))
     try:
-        transport.start_client(timeout=s.timeout_s)
+        _start_client(transport, s.timeout_s)
     except (paramiko.SSHException, EOFError, OSError) as exc:
         if "no acceptable host key" in str(exc).lower():
             raise RemoteError(
@@ -978,6 +978,16 @@ def _negotiate(s: SftpSettings, transport: paramiko.Transport) -> tuple[HostKey,
             ) from None
         raise Transient(f"SSH handshake: {exc or type(exc).__name__}") from exc
     return _server_key(transport, s.timeout_s), pinned
+
+
+def _start_client(transport: paramiko.Transport, timeout_s: float) -> None:
+    """paramiko's key exchange, which runs on a thread of its own: none at a thread limit."""
+    try:
+        transport.start_client(timeout=timeout_s)
+    except RuntimeError as exc:
+        if transport.ident is None:  # the thread never started; else a failure inside it
+            raise ThreadLimit.reached("SSH connection's thread", exc) from None
+        raise
 
 
 def _verify_host_key(s: SftpSettings, offered: HostKey, pinned: Sequence[HostKey]) -> None:
@@ -1170,7 +1180,7 @@ def scan_host_keys(host: str, port: int, timeout_s: float) -> list[HostKey]:
                 continue
             options.key_types = (key_type,)
             try:
-                transport.start_client(timeout=timeout_s)
+                _start_client(transport, timeout_s)
             except (paramiko.SSHException, EOFError, OSError):
                 continue  # the server does not offer this type
             try:

@@ -13,6 +13,7 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from statements import config, pipeline
@@ -234,21 +235,30 @@ def test_decrypt_without_a_secret_key_is_a_key_problem(
     assert "keys pgp" in result.stderr
 
 
-def test_a_run_that_cannot_start_its_archiver_fails_with_the_limit_and_records_it(
+@pytest.mark.parametrize(
+    ("refused", "what"),
+    [("archiver", "the archive threads"), ("transport", "the SSH connection's thread")],
+)
+def test_a_run_at_a_thread_limit_fails_with_the_limit_and_records_it(
     run_project: Project,
     sshd: SshdServer,
     sftp_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
+    refused: str,
+    what: str,
 ) -> None:
     # At a thread limit (ulimit -u, a container's pids.max): a clear error and a failed run in
     # the ledger, not a traceback and a run left "started" for ever; nothing is downloaded.
+    # The archiver is the run's first thread; paramiko's transport thread is the connection's.
     (sftp_dir / "U1234567.Trade_History.20260901.20260901.xml.pgp").write_bytes(b"ciphertext")
     monkeypatch.setenv("IBKR_SSH_PASSPHRASE", sshd.client_key_passphrase or "")
     monkeypatch.setenv("IBKR_PGP_PASSPHRASE", PGP_PASSPHRASE)
     start = threading.Thread.start
 
     def limited(thread: threading.Thread) -> None:
-        if thread.name == "archiver":
+        if refused == "archiver" and thread.name == "archiver":
+            raise RuntimeError("can't start new thread")
+        if refused == "transport" and isinstance(thread, paramiko.Transport):
             raise RuntimeError("can't start new thread")
         start(thread)
 
@@ -256,10 +266,10 @@ def test_a_run_that_cannot_start_its_archiver_fails_with_the_limit_and_records_i
     before = set(threading.enumerate())
     with pytest.raises(StatementsError) as raised:
         pipeline.run_from_config(config.load(run_project.config))
-    assert "Cannot start the archive threads" in raised.value.message
+    assert f"Cannot start {what}" in raised.value.message
     assert "can't start new thread" in raised.value.message
     hint = raised.value.hint or ""
-    assert "ulimit -u" in hint and "workers" not in hint  # the archive's threads follow the cores
+    assert "ulimit -u" in hint and "workers" not in hint  # neither follows [sftp] workers
     assert raised.value.exit_code == ExitCode.CONFIG
     with Ledger.open(run_project.root / "archive") as ledger:
         (last,) = ledger.recent_runs()
