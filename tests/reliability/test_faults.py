@@ -837,7 +837,10 @@ def test_sigterm_stops_cleanly_with_exit_0_and_the_next_run_completes(
 
 # --- stalled servers ---------------------------------------------------------------------------
 
-STALL_TIMEOUT_S = 2
+# Each attempt's whole budget, key exchange and RSA-4096 login included: 2 s was too little on
+# a CI host starved of CPU (2026-11-22), where the retry timed out in its handshake before it
+# reached the stall the test arms, and the test saw one stalled connection instead of two.
+STALL_TIMEOUT_S = 5
 STALL_RETRIES = 1
 # The "never hangs" guard: every attempt may use its whole timeout, plus start-up and backoff.
 STALL_LIMIT_S = STALL_TIMEOUT_S * (STALL_RETRIES + 1) + 30
