@@ -1037,7 +1037,7 @@ def _start_pool(threads: list[threading.Thread]) -> int:
     return len(threads)
 
 
-def _thread_limit(kind: str, exc: RuntimeError) -> StatementsError:
+def _thread_limit(kind: str, exc: RuntimeError) -> ThreadLimit:
     # Only the fetch's threads follow a setting; the archive's follow the cores (gpg_lanes).
     fewer = "; fewer [sftp] workers need fewer threads" if kind == "fetch" else ""
     return ThreadLimit.reached(f"{kind} threads", exc, fewer=fewer)
