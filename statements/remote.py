@@ -41,7 +41,6 @@ from paramiko.sftp import (
     CMD_READ,
     CMD_READDIR,
     CMD_STATUS,
-    int64,
 )
 
 from statements.config import Config
@@ -258,16 +257,23 @@ def _send_readdirs(
 ) -> list[int]:
     """``count`` READDIRs on ``handle`` in one write to the channel, numbered and awaited as
     paramiko's ``_async_request(replies, CMD_READDIR, handle)`` would; their numbers."""
+    numbers = _number_requests(sftp, replies, count)
+    head = _PACKET_HEAD.pack(9 + len(handle), CMD_READDIR)  # type, id, handle's length: 9 bytes
+    tail = _U32.pack(len(handle)) + handle
+    packets = b"".join(head + _U32.pack(number) + tail for number in numbers)
+    sftp._write_all(packets)  # type: ignore[attr-defined]
+    return numbers
+
+
+def _number_requests(sftp: paramiko.SFTPClient, replies: _Replies, count: int) -> list[int]:
+    """Numbers for ``count`` requests whose answers go to ``replies``, as paramiko's
+    ``_async_request`` gives them: for requests written to the channel in one go."""
     with sftp._lock:  # type: ignore[attr-defined]  # the numbering is paramiko's
         first = sftp.request_number
         sftp.request_number = first + count
         numbers = list(range(first, first + count))
         for number in numbers:
             sftp._expecting[number] = replies  # type: ignore[attr-defined]
-    head = _PACKET_HEAD.pack(9 + len(handle), CMD_READDIR)  # type, id, handle's length: 9 bytes
-    tail = _U32.pack(len(handle)) + handle
-    packets = b"".join(head + _U32.pack(number) + tail for number in numbers)
-    sftp._write_all(packets)  # type: ignore[attr-defined]
     return numbers
 
 
@@ -706,6 +712,7 @@ class _Replies:
 
     def __init__(self) -> None:
         self.replies: dict[int, tuple[int, paramiko.Message]] = {}
+        self.data: dict[int, bytes] = {}  # DATA replies, by request (_read_data)
 
     def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
         self.replies[num] = (kind, msg)
@@ -728,29 +735,24 @@ def _read_pipelined(
     sftp runs, on paramiko's request layer. A short reply is completed by asking for the rest
     first, and later requests are no larger than what the server served.
     """
-    request = sftp._async_request  # type: ignore[attr-defined]
     replies = _Replies()
     pending: collections.deque[tuple[int, int, int]] = collections.deque()
     ahead = max(1, READ_AHEAD_BYTES // chunk)
     next_offset = start
     while True:
-        while len(pending) < ahead and next_offset < end:
-            length = min(chunk, end - next_offset)
-            num = request(replies, CMD_READ, handle, int64(next_offset), length)
-            pending.append((num, next_offset, length))
-            next_offset += length
+        if len(pending) <= ahead - max(1, ahead // READ_BATCHES) and next_offset < end:
+            ranges: list[tuple[int, int]] = []
+            while len(pending) + len(ranges) < ahead and next_offset < end:
+                length = min(chunk, end - next_offset)
+                ranges.append((next_offset, length))
+                next_offset += length
+            numbers = _send_reads(sftp, replies, handle, ranges)
+            for num, (at, length) in zip(numbers, ranges, strict=True):
+                pending.append((num, at, length))
         if not pending:
             return
         num, at, length = pending.popleft()
-        if num in replies.replies:
-            kind, msg = replies.replies.pop(num)
-            if kind == CMD_STATUS:
-                sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises
-        else:
-            kind, msg = sftp._read_response(num)  # type: ignore[attr-defined]
-        if kind != CMD_DATA:
-            raise paramiko.SSHException(f"unexpected SFTP reply type {kind} to a read")
-        data = msg.get_binary()
+        data = _read_data(sftp, replies, num)
         if not data:
             return  # the file ends early; the caller's size check tells
         sink.write(data)
@@ -758,8 +760,91 @@ def _read_pipelined(
         if len(data) < length:
             chunk = min(chunk, len(data))
             ahead = max(1, READ_AHEAD_BYTES // chunk)
-            rest = request(replies, CMD_READ, handle, int64(at + len(data)), length - len(data))
-            pending.appendleft((rest, at + len(data), length - len(data)))
+            rest = _send_reads(sftp, replies, handle, [(at + len(data), length - len(data))])
+            pending.appendleft((rest[0], at + len(data), length - len(data)))
+
+
+READ_BATCHES = 4  # reads go out a quarter of the read-ahead at a time, in one SSH packet
+_HEAD_WITH_ID = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
+
+
+def _send_reads(
+    sftp: paramiko.SFTPClient, replies: _Replies, handle: bytes, ranges: Sequence[tuple[int, int]]
+) -> list[int]:
+    """A READ of each (offset, length) of ``handle`` in one write to the channel, numbered and
+    awaited as paramiko's ``_async_request(replies, CMD_READ, ...)`` would; their numbers.
+
+    One SSH packet, encrypted and sent once, for several reads: each send on loopback also runs
+    the server's TCP receive in this process.
+    """
+    numbers = _number_requests(sftp, replies, len(ranges))
+    named = _U32.pack(len(handle)) + handle
+    size = 1 + 4 + len(named) + 8 + 4  # type, id, handle, offset, length
+    packets = b"".join(
+        _HEAD_WITH_ID.pack(size, CMD_READ, number) + named + _U64.pack(at) + _U32.pack(length)
+        for number, (at, length) in zip(numbers, ranges, strict=True)
+    )
+    sftp._write_all(packets)  # type: ignore[attr-defined]
+    return numbers
+
+
+def _read_data(sftp: paramiko.SFTPClient, replies: _Replies, num: int) -> bytes:
+    """The bytes that read request ``num`` brought; a status raises (EOFError at the end of the
+    file) as paramiko's do, and so does a dropped channel (SSHException).
+
+    paramiko's reply path copies a reply's bytes three times (joining the channel's packets,
+    cutting the type off, reading them out of a Message); here they are joined once. Replies
+    to other requests (a close sent earlier without waiting, a read answered out of order) are
+    handed on or kept as paramiko would.
+    """
+    channel = sftp.sock
+    while True:
+        if num in replies.data:
+            return replies.data.pop(num)
+        if num in replies.replies:
+            kind, msg = replies.replies.pop(num)
+            if kind == CMD_STATUS:
+                sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises unless OK
+            raise paramiko.SSHException(f"unexpected SFTP reply type {kind} to a read")
+        try:
+            size, kind, got = _HEAD_WITH_ID.unpack(_recv_exactly(channel, _HEAD_WITH_ID.size))
+            if size >> 24 or size < 5:  # as paramiko: no server sends 16 MiB in one reply
+                raise paramiko.SFTPError("Garbage packet received")
+            with sftp._lock:  # type: ignore[attr-defined]
+                owner = sftp._expecting.pop(got, None)  # type: ignore[attr-defined]
+            if kind == CMD_DATA and owner is replies:
+                (length,) = _U32.unpack(_recv_exactly(channel, 4))
+                if length != size - _HEAD_WITH_ID.size:
+                    raise paramiko.SFTPError("Garbage packet received")
+                replies.data[got] = _recv_exactly(channel, length)
+                continue
+            msg = paramiko.Message(_recv_exactly(channel, size - 5))  # what follows the id
+        except EOFError as exc:
+            raise paramiko.SSHException(f"Server connection dropped: {exc}") from None
+        if owner is None:
+            log.debug("SFTP reply to no request: #%d", got)
+        elif owner is replies:
+            replies.replies[got] = (kind, msg)
+        elif owner is not type(None):  # None: a close sent without waiting for its answer
+            owner._async_response(kind, msg, got)
+
+
+def _recv_exactly(channel: paramiko.Channel, size: int) -> bytes:
+    """``size`` bytes from the channel; EOFError if it closes first."""
+    if not size:
+        return b""  # a read of nothing would wait for a packet
+    first = channel.recv(size)
+    if len(first) == size:
+        return first
+    parts = [first]
+    left = size - len(first)
+    while left:
+        if not parts[-1]:
+            raise EOFError("the SFTP channel closed")
+        part = channel.recv(left)
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _remote_folder_error(settings: SftpSettings, folder: str, exc: OSError) -> RemoteError:

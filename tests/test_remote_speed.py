@@ -1,5 +1,6 @@
-"""The two speed-ups of issue 7 change nothing else: the pipelined folder listing lists what
-paramiko's listdir_attr and the folder itself hold, and an RSA key loaded without OpenSSL's
+"""The speed-ups of issue 7 change nothing else: the pipelined folder listing lists what
+paramiko's listdir_attr and the folder itself hold, the pipelined reads bring a file in order
+whatever order and size the server answers in, and an RSA key loaded without OpenSSL's
 primality proof still logs in, while a damaged one is refused.
 
 Timing is bench/'s business; nothing here is timed except guards against a hang.
@@ -700,3 +701,188 @@ def test_a_damaged_rsa_key_is_refused(
     )
     with pytest.raises(KeyProblem, match="damaged"):
         load_private_key(path, None)
+
+
+# -- pipelined reads: the reply reader of _read_pipelined against a scripted server ----------
+
+
+class _Channel:
+    """The byte stream paramiko's Channel gives the SFTP client: recv takes what has arrived."""
+
+    def __init__(self) -> None:
+        self.stream = bytearray()
+        self.closed_after: int | None = None  # bytes it delivers before it closes
+        self.delivered = 0
+
+    def recv(self, size: int) -> bytes:
+        assert size > 0, "a read of nothing waits for a packet"
+        limit = len(self.stream)
+        if self.closed_after is not None:
+            limit = min(limit, self.closed_after - self.delivered)
+        if limit <= 0:
+            assert self.closed_after is not None, "the reader would wait for an answer"
+            return b""
+        # At most 32 KiB at a time, as SSH packets bring them.
+        out = bytes(self.stream[: min(size, limit, 32 * 1024)])
+        del self.stream[: len(out)]
+        self.delivered += len(out)
+        return out
+
+
+class _ScriptedReads:
+    """paramiko's request layer as _read_pipelined uses it, with a server that answers each
+    write of READs through ``answer`` (which may reorder, cut short or interleave)."""
+
+    _convert_status = paramiko.SFTPClient._convert_status  # type: ignore[attr-defined]
+
+    def __init__(
+        self,
+        content: bytes,
+        answer: Callable[[list[tuple[int, int, int]]], list[bytes]] | None = None,
+        serve_at_most: int | None = None,
+    ) -> None:
+        self.content = content
+        self.sock = _Channel()
+        self._lock = threading.Lock()
+        self._expecting: dict[int, object] = {}
+        self.request_number = 100
+        self.writes: list[list[tuple[int, int, int]]] = []  # (number, offset, length) each
+        self.serve_at_most = serve_at_most
+        self.answer = answer or (lambda reads: [self.data(*r) for r in reads])
+
+    def data(self, num: int, offset: int, length: int) -> bytes:
+        served = self.content[offset : offset + min(length, self.serve_at_most or length)]
+        return _reply(remote.CMD_DATA, num, struct.pack(">I", len(served)) + served)
+
+    def _write_all(self, data: bytes) -> None:
+        reads = []
+        at = 0
+        while at < len(data):
+            length, kind, num = struct.unpack_from(">IBI", data, at)
+            assert kind == remote.CMD_READ and num in self._expecting
+            (handle_length,) = struct.unpack_from(">I", data, at + 9)
+            assert data[at + 13 : at + 13 + handle_length] == b"handle"
+            offset, size = struct.unpack_from(">QI", data, at + 13 + handle_length)
+            reads.append((num, offset, size))
+            at += 4 + length
+        assert at == len(data)
+        self.writes.append(reads)
+        for packet in self.answer(reads):
+            self.sock.stream += packet
+
+
+def _reply(kind: int, num: int, body: bytes) -> bytes:
+    return struct.pack(">IBI", 5 + len(body), kind, num) + body
+
+
+def _status_reply(num: int, code: int, text: str) -> bytes:
+    return _reply(CMD_STATUS, num, _status(code, text).asbytes())
+
+
+def _read_all(fake: _ScriptedReads, chunk: int = 1024, *, to_the_end: bool = True) -> bytes:
+    written: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes) -> int:
+            written.append(data)
+            return len(data)
+
+    remote._read_pipelined(
+        fake,  # type: ignore[arg-type]  # it has what _read_pipelined uses
+        b"handle",
+        0,
+        len(fake.content),
+        chunk,
+        Sink(),  # type: ignore[arg-type]
+        lambda _count: None,
+    )
+    if to_the_end:
+        assert not fake._expecting, "every request was answered and accounted for"
+    return b"".join(written)
+
+
+_CONTENT = bytes(range(256)) * 1000  # 256,000 bytes: 250 reads of 1 KiB
+
+
+def test_reads_go_out_in_batches_and_bring_the_file_in_order() -> None:
+    chunk = remote.READ_AHEAD_BYTES // 16
+    content = os.urandom(40 * chunk + 1000)  # 41 reads, the last one short
+    fake = _ScriptedReads(content)
+    assert _read_all(fake, chunk) == content
+    batch = 16 // remote.READ_BATCHES
+    # The whole read-ahead first, then a batch whenever that many are answered: one write
+    # (one SSH packet) per batch, not one per read.
+    assert [len(w) for w in fake.writes] == [16, *([batch] * 6), 1]
+    offsets = [offset for w in fake.writes for _, offset, _ in w]
+    assert offsets == list(range(0, len(content), chunk))
+    assert fake.writes[-1][0][2] == 1000
+
+
+def test_replies_out_of_order_and_to_other_requests_still_give_the_file_in_order() -> None:
+    def scrambled(reads: list[tuple[int, int, int]]) -> list[bytes]:
+        # The answer to a close sent without waiting (paramiko registers it as NoneType), one
+        # to a request nobody made, then this write's reads answered last first.
+        closed = fake.request_number
+        fake.request_number += 1
+        fake._expecting[closed] = type(None)
+        return [
+            _status_reply(closed, 0, "Success"),
+            _status_reply(7, 0, "Success"),
+            *(fake.data(*r) for r in reversed(reads)),
+        ]
+
+    fake = _ScriptedReads(_CONTENT, scrambled)
+    assert _read_all(fake) == _CONTENT
+
+
+def test_short_reads_ask_for_the_rest_first_and_then_no_more_than_served() -> None:
+    fake = _ScriptedReads(_CONTENT, serve_at_most=600)
+    assert _read_all(fake) == _CONTENT
+    first_short = fake.writes[1]
+    assert first_short[0][1:] == (600, 1024 - 600)  # the rest of the first read, asked first
+    assert max(size for w in fake.writes[2:] for _, _, size in w) <= 600
+
+
+def test_an_empty_data_reply_ends_the_read_early() -> None:
+    def empties(reads: list[tuple[int, int, int]]) -> list[bytes]:
+        return [_reply(remote.CMD_DATA, num, struct.pack(">I", 0)) for num, _, _ in reads]
+
+    fake = _ScriptedReads(_CONTENT, empties)
+    assert _read_all(fake, to_the_end=False) == b""  # the caller's size check tells
+    assert len(fake.writes) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "error"), [(SFTP_EOF, EOFError), (SFTP_NO_SUCH_FILE, FileNotFoundError)]
+)
+def test_a_status_for_a_read_raises_as_paramiko_does(code: int, error: type[Exception]) -> None:
+    def fails_third(reads: list[tuple[int, int, int]]) -> list[bytes]:
+        return [
+            _status_reply(num, code, "no") if offset == 2048 else fake.data(num, offset, size)
+            for num, offset, size in reads
+        ]
+
+    fake = _ScriptedReads(_CONTENT, fails_third)
+    with pytest.raises(error):
+        _read_all(fake)
+
+
+@pytest.mark.parametrize("cut", [3, 9, 11, 500])
+def test_a_channel_that_closes_inside_a_reply_is_a_dropped_connection(cut: int) -> None:
+    fake = _ScriptedReads(_CONTENT)
+    fake.sock.closed_after = 2 * (13 + 1024) + cut  # two whole replies, then part of one
+    with pytest.raises(paramiko.SSHException, match="Server connection dropped"):
+        _read_all(fake)
+
+
+@pytest.mark.parametrize("lie", ["data longer than the reply", "reply shorter than its head"])
+def test_a_reply_whose_lengths_disagree_is_refused(lie: str) -> None:
+    def lies(reads: list[tuple[int, int, int]]) -> list[bytes]:
+        num, offset, size = reads[0]
+        if lie == "reply shorter than its head":
+            return [struct.pack(">IBI", 4, remote.CMD_DATA, num) + bytes(100)]
+        body = struct.pack(">I", size + 1) + _CONTENT[offset : offset + size]
+        return [_reply(remote.CMD_DATA, num, body)]
+
+    with pytest.raises(paramiko.SFTPError, match="Garbage"):
+        _read_all(_ScriptedReads(_CONTENT, lies))
