@@ -76,10 +76,12 @@ PREFERRED_CIPHERS = (
 WINDOW_SIZE = 16 * 1024 * 1024
 # Reads: 32 KiB is what every SFTP server serves; a server that announces larger reads
 # (limits@openssh.com) is asked for up to MAX_READ_CHUNK. Either way a file has
-# READ_AHEAD_BYTES in flight, as OpenSSH's sftp has (64 x 32 KiB).
+# READ_AHEAD_BYTES in flight, as OpenSSH's sftp has (64 x 32 KiB), in at most MAX_READS_AHEAD
+# requests: a server that serves a few bytes per read must not make it millions.
 READ_CHUNK = 32 * 1024
 MAX_READ_CHUNK = 256 * 1024
 READ_AHEAD_BYTES = 2 * 1024 * 1024
+MAX_READS_AHEAD = READ_AHEAD_BYTES // READ_CHUNK
 # A whole read reply in one SSH packet (paramiko's default, 32 KiB, splits even a 32 KiB one).
 MAX_PACKET_SIZE = MAX_READ_CHUNK + 1024
 # What one read from the connection's socket may take (ReadAheadSocket).
@@ -737,7 +739,7 @@ def _read_pipelined(
     """
     replies = _Replies()
     pending: collections.deque[tuple[int, int, int]] = collections.deque()
-    ahead = max(1, READ_AHEAD_BYTES // chunk)
+    ahead = _reads_ahead(chunk)
     next_offset = start
     while True:
         if len(pending) <= ahead - max(1, ahead // READ_BATCHES) and next_offset < end:
@@ -759,9 +761,13 @@ def _read_pipelined(
         progress(len(data))
         if len(data) < length:
             chunk = min(chunk, len(data))
-            ahead = max(1, READ_AHEAD_BYTES // chunk)
+            ahead = _reads_ahead(chunk)
             rest = _send_reads(sftp, replies, handle, [(at + len(data), length - len(data))])
             pending.appendleft((rest[0], at + len(data), length - len(data)))
+
+
+def _reads_ahead(chunk: int) -> int:
+    return max(1, min(MAX_READS_AHEAD, READ_AHEAD_BYTES // chunk))
 
 
 READ_BATCHES = 4  # reads go out a quarter of the read-ahead at a time, in one SSH packet

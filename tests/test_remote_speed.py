@@ -748,6 +748,7 @@ class _ScriptedReads:
         self.request_number = 100
         self.writes: list[list[tuple[int, int, int]]] = []  # (number, offset, length) each
         self.serve_at_most = serve_at_most
+        self.most_in_flight = 0  # requests asked and not yet answered, at most
         self.answer = answer or (lambda reads: [self.data(*r) for r in reads])
 
     def data(self, num: int, offset: int, length: int) -> bytes:
@@ -767,6 +768,7 @@ class _ScriptedReads:
             at += 4 + length
         assert at == len(data)
         self.writes.append(reads)
+        self.most_in_flight = max(self.most_in_flight, len(self._expecting))
         for packet in self.answer(reads):
             self.sock.stream += packet
 
@@ -841,6 +843,14 @@ def test_short_reads_ask_for_the_rest_first_and_then_no_more_than_served() -> No
     first_short = fake.writes[1]
     assert first_short[0][1:] == (600, 1024 - 600)  # the rest of the first read, asked first
     assert max(size for w in fake.writes[2:] for _, _, size in w) <= 600
+
+
+def test_a_server_that_serves_a_few_bytes_a_read_gets_no_more_reads_in_flight() -> None:
+    fake = _ScriptedReads(_CONTENT[:100_000], serve_at_most=10)
+    assert _read_all(fake) == _CONTENT[:100_000]
+    # 2 MiB of 10-byte reads would be 209,715 requests in flight; OpenSSH's sftp keeps 64.
+    assert remote.MAX_READS_AHEAD == 64
+    assert fake.most_in_flight <= 64 + 1  # and the rest of a short read, asked first
 
 
 def test_an_empty_data_reply_ends_the_read_early() -> None:
