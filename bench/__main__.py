@@ -13,8 +13,8 @@ processes in turn, ours and the reference, and checks every result before its ti
                 (as a ratio, and in seconds beside the seconds it adds to reference.sh)
   3. first-sync 2,000 x 20 KiB into an empty project: fetch vs sftp -b; decrypt vs ONE
                 gpg --decrypt-files (issue 4); run vs reference.sh
-  4. big        one 1 GiB report: fetch vs sftp -b (same cipher); decrypt vs gpg -d; run vs
-                reference.sh
+  4. big        one 1 GiB report: fetch vs sftp -b (same cipher); decrypt vs gpg -d, and vs
+                gpg -d then `sync FILE` (durable, as ours); run vs reference.sh
   5. many-big   8 reports of 48 MiB in one night: run vs reference.sh, and our peak memory
                 with several big downloads at once
 
@@ -493,7 +493,7 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         "Ratios compare medians measured in this run. time: ours/ref wall time (lower is "
         "better); speed: ref/ours (higher is better).",
         "spread = (max - min) / median of a tool's runs: the machine's noise. ours fsyncs every "
-        "file and its ledger; sftp, gpg and reference.sh do not.",
+        "file and its ledger; sftp, gpg and reference.sh do not (but 'gpg -d, sync FILE').",
         "CPU s and peak RSS are of the whole process tree the tool waited for (GNU time); the "
         "sshd and gpg-agent sides are not counted.",
         "steal % = the share of both cores' time the hypervisor gave to other guests during a "
