@@ -82,6 +82,7 @@ READ_CHUNK = 32 * 1024
 MAX_READ_CHUNK = 256 * 1024
 READ_AHEAD_BYTES = 2 * 1024 * 1024
 MAX_READS_AHEAD = READ_AHEAD_BYTES // READ_CHUNK
+READ_BATCHES = 4  # reads go out a quarter of the read-ahead at a time, in one SSH packet
 # A whole read reply in one SSH packet (paramiko's default, 32 KiB, splits even a 32 KiB one).
 MAX_PACKET_SIZE = MAX_READ_CHUNK + 1024
 # What one read from the connection's socket may take (ReadAheadSocket).
@@ -247,7 +248,7 @@ def _read_folder(
     return scanned if in_order else None
 
 
-_PACKET_HEAD = struct.Struct(">IB")  # an SFTP packet's length and type
+_HEAD_WITH_ID = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
 _U32 = struct.Struct(">I")
 _U32_PAIR = struct.Struct(">II")
 _U64 = struct.Struct(">Q")
@@ -260,9 +261,9 @@ def _send_readdirs(
     """``count`` READDIRs on ``handle`` in one write to the channel, numbered and awaited as
     paramiko's ``_async_request(replies, CMD_READDIR, handle)`` would; their numbers."""
     numbers = _number_requests(sftp, replies, count)
-    head = _PACKET_HEAD.pack(9 + len(handle), CMD_READDIR)  # type, id, handle's length: 9 bytes
+    size = 9 + len(handle)  # type, id, the handle's length, the handle
     tail = _U32.pack(len(handle)) + handle
-    packets = b"".join(head + _U32.pack(number) + tail for number in numbers)
+    packets = b"".join(_HEAD_WITH_ID.pack(size, CMD_READDIR, number) + tail for number in numbers)
     sftp._write_all(packets)  # type: ignore[attr-defined]
     return numbers
 
@@ -770,10 +771,6 @@ def _reads_ahead(chunk: int) -> int:
     return max(1, min(MAX_READS_AHEAD, READ_AHEAD_BYTES // chunk))
 
 
-READ_BATCHES = 4  # reads go out a quarter of the read-ahead at a time, in one SSH packet
-_HEAD_WITH_ID = struct.Struct(">IBI")  # an SFTP packet's length, type and request id
-
-
 def _send_reads(
     sftp: paramiko.SFTPClient, replies: _Replies, handle: bytes, ranges: Sequence[tuple[int, int]]
 ) -> list[int]:
@@ -820,7 +817,7 @@ def _read_data(sftp: paramiko.SFTPClient, replies: _Replies, num: int) -> bytes:
                 owner = sftp._expecting.pop(got, None)  # type: ignore[attr-defined]
             if kind == CMD_DATA and owner is replies:
                 (length,) = _U32.unpack(_recv_exactly(channel, 4))
-                if length != size - _HEAD_WITH_ID.size:
+                if length != size - 9:  # type, id and the data's length come first
                     raise paramiko.SFTPError("Garbage packet received")
                 replies.data[got] = _recv_exactly(channel, length)
                 continue
@@ -837,20 +834,14 @@ def _read_data(sftp: paramiko.SFTPClient, replies: _Replies, num: int) -> bytes:
 
 def _recv_exactly(channel: paramiko.Channel, size: int) -> bytes:
     """``size`` bytes from the channel; EOFError if it closes first."""
-    if not size:
-        return b""  # a read of nothing would wait for a packet
-    first = channel.recv(size)
-    if len(first) == size:
-        return first
-    parts = [first]
-    left = size - len(first)
-    while left:
-        if not parts[-1]:
+    parts = []
+    while size:  # a read of nothing would wait for a packet: never asked
+        part = channel.recv(size)
+        if not part:
             raise EOFError("the SFTP channel closed")
-        part = channel.recv(left)
         parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+        size -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _remote_folder_error(settings: SftpSettings, folder: str, exc: OSError) -> RemoteError:
