@@ -376,6 +376,14 @@ class _Abandoned:
 
 
 @dataclass(frozen=True)
+class _NoConnection:
+    """A worker could not open its own connection: the process is at its thread limit."""
+
+    planned: PlannedFetch
+    reason: str
+
+
+@dataclass(frozen=True)
 class _Done:
     planned: PlannedFetch
     sha256: str
@@ -650,13 +658,19 @@ class _Downloads:
     there too (2.6 s against 2.9 and 3.3): on the GIL, more big downloads only take turns. A
     worker that finds only big files waiting, all slots taken, stops: the workers holding the
     slots go on with them.
+
+    A worker that cannot open a connection of its own (at a thread limit: paramiko runs one
+    thread per connection) gives its file back and leaves, and the others share its files: the
+    run is slower, not failed. Only the last worker fails files for it.
     """
 
-    def __init__(self, pending: list[PlannedFetch], big_at_once: int) -> None:
+    def __init__(self, pending: list[PlannedFetch], big_at_once: int, workers: int) -> None:
         self._big = collections.deque(p for p in pending if _is_big(p))
         self._small = collections.deque(p for p in pending if not _is_big(p))
         self._big_slots = big_at_once
+        self._workers = workers
         self._lock = threading.Lock()
+        self.given_back_for = ""  # why the last file given back was
 
     def take(self) -> PlannedFetch | None:
         """The next file for a worker (a big one first, while a slot is free), or None."""
@@ -670,6 +684,31 @@ class _Downloads:
         if _is_big(item):
             with self._lock:
                 self._big_slots += 1
+
+    def give_back(self, item: PlannedFetch, reason: str) -> bool:
+        """Put ``item`` first in line again for the other workers, as its worker leaves; False
+        (and nothing done) when no other worker is left to take it."""
+        with self._lock:
+            if self._workers <= 1:
+                return False
+            self._workers -= 1
+            self.given_back_for = reason
+            if _is_big(item):
+                self._big.appendleft(item)
+                self._big_slots += 1
+            else:
+                self._small.appendleft(item)
+            return True
+
+    def leave(self, count: int = 1) -> None:
+        """``count`` workers are gone (done, or never started)."""
+        with self._lock:
+            self._workers -= count
+
+    def left_over(self) -> list[PlannedFetch]:
+        """What no worker took."""
+        with self._lock:
+            return [*self._big, *self._small]
 
 
 def _is_big(item: PlannedFetch) -> bool:
@@ -694,23 +733,35 @@ def _download_all(
     early: EarlyDecryptions | None,
 ) -> None:
     """Worker threads download; this thread alone commits to the ledger, as each file lands."""
-    work = _Downloads(pending, BIG_DOWNLOADS_AT_ONCE)
     results: queue.Queue[_Done | _Abandoned | tuple[PlannedFetch, str] | None] = queue.Queue()
     count = max(1, min(workers, len(pending)))
+    work = _Downloads(pending, BIG_DOWNLOADS_AT_ONCE, count)
     sessions: list[RemoteSession | None] = [first] + [None] * (count - 1)
 
     def worker(index: int) -> None:
+        gave_back = False  # then its file, its slot and its place are the others' already
         try:
             while not stop.is_set() and (item := work.take()) is not None:
                 try:
-                    results.put(
-                        _fetch_with_retries(
-                            store, sessions, index, item, inbox, retries, progress, stop, early
-                        )
+                    result = _fetch_with_retries(
+                        store, sessions, index, item, inbox, retries, progress, stop, early
                     )
+                    if isinstance(result, _NoConnection):
+                        gave_back = work.give_back(item, result.reason)
+                        if gave_back:
+                            log.warning(
+                                "%s: going on with the other fetch connections", result.reason
+                            )
+                            return
+                        progress.failed_file(item.remote, result.reason)
+                        result = (item, result.reason)
+                    results.put(result)
                 finally:
-                    work.finished(item)
+                    if not gave_back:
+                        work.finished(item)
         finally:
+            if not gave_back:
+                work.leave()
             results.put(None)
 
     threads = [
@@ -718,6 +769,7 @@ def _download_all(
         for i in range(count)
     ]
     started = running = _start_pool(threads)
+    work.leave(count - started)
     while running:
         # What landed since the last commit is committed together: one fsync of the inbox
         # (making the renames durable) and one ledger transaction per batch, not per file.
@@ -744,6 +796,12 @@ def _download_all(
                 summary.failures.append(FileFailure(result[0].remote.relative, result[1]))
     for thread in threads[:started]:
         thread.join()
+    if not stop.is_set():
+        # Files given back by a worker that left when every other one had gone too (they
+        # were counted as staying while the pool was still starting): failed, not forgotten.
+        for item in work.left_over():
+            progress.failed_file(item.remote, work.given_back_for)
+            summary.failures.append(FileFailure(item.remote.relative, work.given_back_for))
     for session in sessions:
         if session is not None and session is not first:
             session.close()
@@ -759,7 +817,7 @@ def _fetch_with_retries(
     progress: FetchProgress,
     stop: threading.Event,
     early: EarlyDecryptions | None = None,
-) -> _Done | _Abandoned | tuple[PlannedFetch, str]:
+) -> _Done | _Abandoned | _NoConnection | tuple[PlannedFetch, str]:
     """Attempts that move the file forward are free; ``retries`` bounds those that do not.
 
     A stop request abandons the file at the next chunk: its .part stays for the next run.
@@ -781,7 +839,10 @@ def _fetch_with_retries(
         try:
             session = sessions[index]
             if session is None:
-                session = sessions[index] = store.connect()
+                try:
+                    session = sessions[index] = store.connect()
+                except ThreadLimit as exc:
+                    return _NoConnection(item, exc.message)
             done = download_one(session, item, inbox, advanced, early)
             progress.finished_file(item.remote, time.monotonic() - started)
             return done

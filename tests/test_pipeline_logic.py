@@ -19,7 +19,7 @@ import pytest
 
 from statements import pipeline
 from statements.archive import UnpackLimits
-from statements.errors import ExitCode, StatementsError
+from statements.errors import ExitCode, StatementsError, ThreadLimit
 from statements.fsutil import DirectWriter
 from statements.ledger import Ledger, ServerId
 from statements.pipeline import (
@@ -54,9 +54,15 @@ class FakeServer:
     running: list[str] = field(default_factory=list)  # the downloads in progress
     most_at_once: list[list[str]] = field(default_factory=list)  # running, at each start
     lock: threading.Lock = field(default_factory=threading.Lock)
+    max_connections: int | None = None  # more: ThreadLimit, as paramiko's thread cannot start
 
     def connect(self) -> FakeSession:
-        self.connections += 1
+        with self.lock:
+            self.connections += 1
+            if self.max_connections is not None and self.connections > self.max_connections:
+                raise ThreadLimit.reached(
+                    "SSH connection's thread", RuntimeError("can't start new thread")
+                )
         return FakeSession(self)
 
 
@@ -549,6 +555,40 @@ def test_a_fetch_that_gets_no_thread_fails_and_downloads_nothing(
     assert raised.value.exit_code == ExitCode.CONFIG
     assert server.downloads == [] and inbox(tmp_path) == {}
     assert [t.name for t in threading.enumerate() if t not in before] == []
+
+
+def test_workers_that_cannot_connect_leave_their_files_to_the_connected_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At a thread limit a second connection cannot start (paramiko runs a thread for each):
+    # its worker gives its file back and leaves, and the first connection fetches them all.
+    files = {f"f{i}.pgp": (bytes([i]) * (5000 + i), 100) for i in range(9)}
+    files["big.pgp"] = (b"b" * pipeline.BACKGROUND_WRITE_BYTES, 100)
+    server = FakeServer(files, max_connections=1, chunk_pause=0.0001)
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)  # three workers asked for
+        assert len(ledger.fetched_rows()) == 10
+    assert (summary.fetched, summary.failures) == (10, [])
+    assert inbox(tmp_path) == {n: d for n, (d, _) in server.files.items()}
+    assert sorted(server.downloads) == sorted(files)  # each once: nothing fetched twice
+    assert server.connections == 3  # the first, and one failed try by each other worker
+    assert caplog.text.count("going on with the other fetch connections") == 2
+
+
+def test_when_no_worker_can_connect_every_file_fails_once_and_waits_for_the_next_run(
+    tmp_path: Path,
+) -> None:
+    # The only connection drops at once and none can be opened again: the last worker left
+    # fails each file with the reason; none is lost or counted twice.
+    server = FakeServer(
+        {f"f{i}.pgp": (b"x" * 5000, 100) for i in range(6)}, max_connections=1, drop_after=0
+    )
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)
+        assert ledger.fetched_rows() == []
+    assert summary.fetched == 0
+    assert sorted(f.name for f in summary.failures) == sorted(server.files)
+    assert all("thread limit" in f.reason for f in summary.failures)
 
 
 def test_archiving_whose_pool_gets_fewer_threads_files_everything_once(
