@@ -279,3 +279,43 @@ def test_a_run_at_a_thread_limit_fails_with_the_limit_and_records_it(
     inbox = run_project.root / "archive" / ".inbox"
     assert not inbox.exists() or list(inbox.iterdir()) == []
     assert [t.name for t in threading.enumerate() if t not in before] == []
+
+
+def test_a_run_whose_extra_connections_meet_a_thread_limit_fetches_everything_over_one(
+    run_project: Project,
+    sshd: SshdServer,
+    sftp_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # paramiko runs a thread per connection: at a thread limit the listing's connection is
+    # the only one. The workers that cannot connect leave their files to it; none fails.
+    sender = make_sender(tmp_path, run_project.keys / "pgp-public.asc")
+    plain = {
+        f"U1234567.Trade_History.2026090{day}.2026090{day}.xml": b"<Trade day='%d'/>\n" % day * 300
+        for day in range(1, 8)
+    }
+    for name, data in plain.items():
+        (sftp_dir / f"{name}.pgp").write_bytes(sender.encrypt(data))
+    harness.set_option(run_project, "workers = 4 ", "workers = 3 ")
+    monkeypatch.setenv("IBKR_SSH_PASSPHRASE", sshd.client_key_passphrase or "")
+    monkeypatch.setenv("IBKR_PGP_PASSPHRASE", PGP_PASSPHRASE)
+    start = threading.Thread.start
+    transports: list[str] = []
+
+    def limited(thread: threading.Thread) -> None:
+        if isinstance(thread, paramiko.Transport):
+            transports.append(thread.name)
+            if len(transports) > 1:
+                raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", limited)
+    cycle = pipeline.run_from_config(config.load(run_project.config))
+    assert (cycle.fetch.fetched, cycle.fetch.failures) == (7, [])
+    assert (cycle.archive.archived_files, cycle.archive.failures) == (7, [])
+    assert len(transports) == 3  # the first connection, and one refused try by each other worker
+    assert caplog.text.count("going on with the other fetch connections") == 2
+    tree = archive_tree(run_project)
+    assert tree == {f"U1234567/2026/{n}": sha(d) for n, d in plain.items()}
