@@ -750,7 +750,9 @@ def _download_all(
                         gave_back = work.give_back(item, result.reason)
                         if gave_back:
                             log.warning(
-                                "%s: going on with the other fetch connections", result.reason
+                                "fetch-%d leaves its files to the other connections: %s",
+                                index,
+                                result.reason,
                             )
                             return
                         progress.failed_file(item.remote, result.reason)

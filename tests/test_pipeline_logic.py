@@ -572,7 +572,7 @@ def test_workers_that_cannot_connect_leave_their_files_to_the_connected_one(
     assert inbox(tmp_path) == {n: d for n, (d, _) in server.files.items()}
     assert sorted(server.downloads) == sorted(files)  # each once: nothing fetched twice
     assert server.connections == 3  # the first, and one failed try by each other worker
-    assert caplog.text.count("going on with the other fetch connections") == 2
+    assert caplog.text.count("leaves its files to the other connections: Cannot start") == 2
 
 
 def test_when_no_worker_can_connect_every_file_fails_once_and_waits_for_the_next_run(

@@ -316,6 +316,6 @@ def test_a_run_whose_extra_connections_meet_a_thread_limit_fetches_everything_ov
     assert (cycle.fetch.fetched, cycle.fetch.failures) == (7, [])
     assert (cycle.archive.archived_files, cycle.archive.failures) == (7, [])
     assert len(transports) == 3  # the first connection, and one refused try by each other worker
-    assert caplog.text.count("going on with the other fetch connections") == 2
+    assert caplog.text.count("leaves its files to the other connections: Cannot start") == 2
     tree = archive_tree(run_project)
     assert tree == {f"U1234567/2026/{n}": sha(d) for n, d in plain.items()}
