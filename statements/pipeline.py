@@ -673,12 +673,16 @@ class _Downloads:
         self.given_back_for = ""  # why the last file given back was
 
     def take(self) -> PlannedFetch | None:
-        """The next file for a worker (a big one first, while a slot is free), or None."""
+        """The next file for a worker (a big one first, while a slot is free), or None: then
+        the worker leaves, counted out at once, so that no file is given back to it."""
         with self._lock:
             if self._big and self._big_slots:
                 self._big_slots -= 1
                 return self._big.popleft()
-            return self._small.popleft() if self._small else None
+            if self._small:
+                return self._small.popleft()
+            self._workers -= 1
+            return None
 
     def finished(self, item: PlannedFetch) -> None:
         if _is_big(item):
@@ -701,7 +705,7 @@ class _Downloads:
             return True
 
     def leave(self, count: int = 1) -> None:
-        """``count`` workers are gone (done, or never started)."""
+        """``count`` workers are gone (stopped, failed, or never started)."""
         with self._lock:
             self._workers -= count
 
@@ -739,16 +743,19 @@ def _download_all(
     sessions: list[RemoteSession | None] = [first] + [None] * (count - 1)
 
     def worker(index: int) -> None:
-        gave_back = False  # then its file, its slot and its place are the others' already
+        gone = False  # counted out by take() or give_back(), which also took back the file
         try:
-            while not stop.is_set() and (item := work.take()) is not None:
+            while not stop.is_set():
+                if (item := work.take()) is None:
+                    gone = True
+                    break
                 try:
                     result = _fetch_with_retries(
                         store, sessions, index, item, inbox, retries, progress, stop, early
                     )
                     if isinstance(result, _NoConnection):
-                        gave_back = work.give_back(item, result.reason)
-                        if gave_back:
+                        gone = work.give_back(item, result.reason)
+                        if gone:
                             log.warning(
                                 "fetch-%d leaves its files to the other connections: %s",
                                 index,
@@ -759,10 +766,10 @@ def _download_all(
                         result = (item, result.reason)
                     results.put(result)
                 finally:
-                    if not gave_back:
+                    if not gone:
                         work.finished(item)
         finally:
-            if not gave_back:
+            if not gone:
                 work.leave()
             results.put(None)
 
@@ -799,8 +806,8 @@ def _download_all(
     for thread in threads[:started]:
         thread.join()
     if not stop.is_set():
-        # Files given back by a worker that left when every other one had gone too (they
-        # were counted as staying while the pool was still starting): failed, not forgotten.
+        # Files given back to workers that never started (counted until _start_pool said
+        # so), when every started one had gone too: failed, not forgotten.
         for item in work.left_over():
             progress.failed_file(item.remote, work.given_back_for)
             summary.failures.append(FileFailure(item.remote.relative, work.given_back_for))

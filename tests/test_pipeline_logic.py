@@ -575,6 +575,20 @@ def test_workers_that_cannot_connect_leave_their_files_to_the_connected_one(
     assert caplog.text.count("leaves its files to the other connections: Cannot start") == 2
 
 
+def test_a_file_is_never_given_back_to_a_worker_that_has_found_the_line_empty() -> None:
+    # Two workers: one finds nothing left and goes; the other, unable to reconnect, must keep
+    # its file (and fail it) rather than hand it to the one that is gone.
+    def planned(name: str) -> pipeline.PlannedFetch:
+        return pipeline.PlannedFetch(RemoteFile(name, name, 5000, 100), 1, name)
+
+    work = pipeline._Downloads([planned("a.pgp"), planned("b.pgp")], 2, workers=2)
+    first, second = work.take(), work.take()
+    assert first is not None and second is not None
+    assert work.take() is None  # the first worker's next look: it leaves
+    assert not work.give_back(second, "at the thread limit")
+    assert work.left_over() == []
+
+
 def test_when_no_worker_can_connect_every_file_fails_once_and_waits_for_the_next_run(
     tmp_path: Path,
 ) -> None:
