@@ -851,7 +851,7 @@ def _fetch_with_retries(
                 try:
                     session = sessions[index] = store.connect()
                 except ThreadLimit as exc:
-                    return _NoConnection(item, exc.message)
+                    return _NoConnection(item, _reason_with_hint(exc))
             done = download_one(session, item, inbox, advanced, early)
             progress.finished_file(item.remote, time.monotonic() - started)
             return done
@@ -873,7 +873,7 @@ def _fetch_with_retries(
                 if fruitless > retries:
                     break
         except StatementsError as exc:
-            reason = exc.message
+            reason = _reason_with_hint(exc)
             break
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -887,6 +887,12 @@ def _fetch_with_retries(
             break
     progress.failed_file(item.remote, reason)
     return item, reason
+
+
+def _reason_with_hint(exc: StatementsError) -> str:
+    """Why a file failed, as the run's summary lists it: the message and, where the error
+    knows one, what to do (the limit to raise for a thread limit, say)."""
+    return f"{exc.message} {exc.hint}" if exc.hint else exc.message
 
 
 # --- wiring to the real collaborators --------------------------------------------------------

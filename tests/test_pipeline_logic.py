@@ -602,7 +602,7 @@ def test_when_no_worker_can_connect_every_file_fails_once_and_waits_for_the_next
         assert ledger.fetched_rows() == []
     assert summary.fetched == 0
     assert sorted(f.name for f in summary.failures) == sorted(server.files)
-    assert all("thread limit" in f.reason for f in summary.failures)
+    assert all("thread limit" in f.reason and "ulimit -u" in f.reason for f in summary.failures)
 
 
 def test_archiving_whose_pool_gets_fewer_threads_files_everything_once(
