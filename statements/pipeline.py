@@ -988,10 +988,25 @@ def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) ->
     # file ever archived (the history grows by thousands of rows a year).
     waiting = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
     for row in ledger.fetched_rows_named(waiting, ("archived",)):
-        _retire_ciphertext(inbox / row.inbox_name, root, keep_encrypted=keep_encrypted)
+        source = inbox / row.inbox_name
+        if not _is_the_fetched_file(source, row):
+            # Retiring it would put it over the ciphertext kept for that row, or delete it.
+            log.warning(
+                "%s is not the file fetched under that name (its size or sha256 differs) and "
+                "is left where it is; move it out of %s, which only ibkr-statements should write",
+                source,
+                inbox,
+            )
+            continue
+        _retire_ciphertext(source, root, keep_encrypted=keep_encrypted)
     work = root / WORK
     if work.exists():
         shutil.rmtree(work)
+
+
+def _is_the_fetched_file(path: Path, row: FetchedRow) -> bool:
+    """Whether ``path`` holds the bytes fetched as ``row``: a killed run's leftover does."""
+    return path.stat().st_size == row.size and sha256_file(path) == row.sha256
 
 
 def _retire_ciphertext(source: Path, root: Path, *, keep_encrypted: bool) -> None:

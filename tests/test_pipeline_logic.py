@@ -430,6 +430,25 @@ def test_a_ciphertext_left_in_the_inbox_after_commit_is_retired(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("keep", [True, False])
+def test_a_foreign_file_in_the_inbox_under_an_archived_name_is_left_alone(
+    tmp_path: Path, keep: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    fetched_ledger(tmp_path, {"x.pgp": b"content"})
+    with Ledger.open(tmp_path) as ledger:
+        archive_inbox(ledger, ArchiveJob(tmp_path, FakeDecryptor(), LIMITS, keep, None))
+        dropped = tmp_path / ".inbox" / "x.pgp"
+        for other in (b"CONTENT", b"other bytes"):  # the same size, then another size
+            dropped.write_bytes(other)
+            repair_archive_state(ledger, tmp_path, keep_encrypted=keep)
+            assert dropped.read_bytes() == other
+    encrypted = tmp_path / ".encrypted"
+    kept = {p.name: p.read_bytes() for p in encrypted.iterdir()} if encrypted.exists() else {}
+    assert kept == ({"x.pgp": b"content"} if keep else {})
+    assert caplog.text.count("is not the file fetched under that name") == 2
+    assert list(archived(tmp_path).values()) == [b"content"]
+
+
+@pytest.mark.parametrize("keep", [True, False])
 def test_keep_encrypted_off_deletes_the_ciphertext_only_after_archiving(
     tmp_path: Path, keep: bool
 ) -> None:
