@@ -20,6 +20,7 @@ import os
 import posixpath
 import queue
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -1006,7 +1007,10 @@ def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) ->
 
 def _is_the_fetched_file(path: Path, row: FetchedRow) -> bool:
     """Whether ``path`` holds the bytes fetched as ``row``: a killed run's leftover does."""
-    return path.stat().st_size == row.size and sha256_file(path) == row.sha256
+    info = path.lstat()  # a link or a FIFO is nobody's download (and a FIFO would block)
+    return (
+        stat.S_ISREG(info.st_mode) and info.st_size == row.size and sha256_file(path) == row.sha256
+    )
 
 
 def _retire_ciphertext(source: Path, root: Path, *, keep_encrypted: bool) -> None:

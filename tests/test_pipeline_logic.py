@@ -441,10 +441,17 @@ def test_a_foreign_file_in_the_inbox_under_an_archived_name_is_left_alone(
             dropped.write_bytes(other)
             repair_archive_state(ledger, tmp_path, keep_encrypted=keep)
             assert dropped.read_bytes() == other
+        # A link to the very bytes fetched: moved over .encrypted/x.pgp it could point at itself.
+        dropped.unlink()
+        elsewhere = tmp_path / ".elsewhere.pgp"
+        elsewhere.write_bytes(b"content")
+        dropped.symlink_to(tmp_path / ".encrypted" / "x.pgp" if keep else elsewhere)
+        repair_archive_state(ledger, tmp_path, keep_encrypted=keep)
+        assert dropped.is_symlink()
     encrypted = tmp_path / ".encrypted"
     kept = {p.name: p.read_bytes() for p in encrypted.iterdir()} if encrypted.exists() else {}
     assert kept == ({"x.pgp": b"content"} if keep else {})
-    assert caplog.text.count("is not the file fetched under that name") == 2
+    assert caplog.text.count("is not the file fetched under that name") == 3
     assert list(archived(tmp_path).values()) == [b"content"]
 
 
