@@ -24,8 +24,10 @@ a passphrase) and use the same cipher, the same GnuPG home and the same PGP key.
 Every run also records the host's steal (bench/measure.py): on a shared VM whose neighbours take
 a fifth of its CPU time, a run is the host's figure more than the tool's. Judge the targets on a
 run whose steal column stays at a few percent (--max-steal measures a run again, up to four
-times, when its steal is over the limit); SIGTERM or Ctrl-C stops the sshd and the agents and
-deletes the work folder.
+times, when its steal is over the limit). It also records the CPU time of the whole machine
+while a tool ran, sshd and gpg-agent included ("machine"): no tool takes less wall time than that
+over the core count, so a missed target is shown with the best ratio it allows. SIGTERM or
+Ctrl-C stops the sshd and the agents and deletes the work folder.
 """
 
 from __future__ import annotations
@@ -495,7 +497,10 @@ def _run(server: SshdServer, work: Path, o: Options, started: float) -> int:
         "spread = (max - min) / median of a tool's runs: the machine's noise. ours fsyncs every "
         "file and its ledger; sftp, gpg and reference.sh do not (but 'gpg -d, sync FILE').",
         "CPU s and peak RSS are of the whole process tree the tool waited for (GNU time); the "
-        "sshd and gpg-agent sides are not counted.",
+        "sshd and gpg-agent sides are not counted. machine = CPU s of the whole machine while "
+        "the tool ran (every process and the kernel, from /proc/stat; writeback of what a "
+        "tool left dirty comes after it): a tool takes at least machine / cores s, and a "
+        "missed target shows that best ratio under it.",
         "steal % = the share of both cores' time the hypervisor gave to other guests during a "
         "tool's runs, median (max): above a few percent, figures are the host's as much as the "
         "tools' (and ours, which keeps both cores busy, lost more to it here than the "

@@ -11,6 +11,11 @@ Each sample also keeps the share of the machine's CPU time that the hypervisor g
 while the run lasted ("steal" in /proc/stat): on a shared VM it is the noise no interleaving
 removes, and in the runs measured here ours, which keeps both cores busy, lost more to it than
 the references did.
+
+It also keeps the CPU time of the whole machine while the run lasted ("machine CPU s": every
+process and the kernel, from /proc/stat): the sshd and gpg-agent sides, which GNU time does not
+see, are in it. On a machine of N cores, a tool cannot take less wall time than its machine CPU
+seconds / N, however well it overlaps its work; report.py shows that floor beside each time ratio.
 """
 
 from __future__ import annotations
@@ -36,14 +41,28 @@ class Sample:
     cpu_seconds: float  # user + system of the child (and the descendants it waited for)
     max_rss_kib: int  # peak resident set size
     steal: float | None = None  # the host's share of all cores' time during the run; None: unknown
+    # CPU seconds the whole machine (every process, the kernel) spent while the run lasted.
+    machine_cpu_seconds: float | None = None
 
 
 class ProcessFailed(RuntimeError):
     pass
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(stolen, total) clock ticks of all CPUs since boot, from /proc/stat; None off Linux."""
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class Jiffies:
+    """Clock ticks of all CPUs since boot, from /proc/stat."""
+
+    stolen: int  # given by the hypervisor to other guests
+    busy: int  # user, nice, system, irq and softirq: working, not idle, waiting for I/O or stolen
+    total: int
+
+
+def cpu_jiffies() -> Jiffies | None:
+    """The machine's clock ticks so far; None off Linux."""
     try:
         with open("/proc/stat", "rb") as stat:
             fields = stat.readline().split()
@@ -52,14 +71,22 @@ def cpu_jiffies() -> tuple[int, int] | None:
     # cpu user nice system idle iowait irq softirq steal [guest guest_nice: counted in user]
     if len(fields) < 9 or fields[0] != b"cpu":
         return None
-    ticks = [int(f) for f in fields[1:9]]
-    return ticks[7], sum(ticks)
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    busy = user + nice + system + irq + softirq
+    return Jiffies(steal, busy, sum(int(f) for f in fields[1:9]))
 
 
-def steal_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    if before is None or after is None or after[1] <= before[1]:
+def steal_between(before: Jiffies | None, after: Jiffies | None) -> float | None:
+    if before is None or after is None or after.total <= before.total:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return (after.stolen - before.stolen) / (after.total - before.total)
+
+
+def busy_seconds_between(before: Jiffies | None, after: Jiffies | None) -> float | None:
+    """CPU seconds the whole machine worked between two readings; None when unknown."""
+    if before is None or after is None:
+        return None
+    return (after.busy - before.busy) / _TICKS_PER_S
 
 
 def run_measured(
@@ -102,7 +129,9 @@ def run_measured(
         finally:
             timer.cancel()
         seconds = time.perf_counter() - started
-        steal = steal_between(jiffies, cpu_jiffies())
+        ended = cpu_jiffies()
+        steal = steal_between(jiffies, ended)
+        machine = busy_seconds_between(jiffies, ended)
         if expired.is_set():
             raise ProcessFailed(f"{argv[0]} did not finish within {timeout_s:g} s")
     if code != 0:
@@ -110,7 +139,7 @@ def run_measured(
         raise ProcessFailed(f"{' '.join(argv[:4])} ... exited with {code}:\n{tail}")
     # GNU time writes "Command exited with ..." lines before the format on failures.
     rss, user, system = usage_path.read_text().split()[-3:]
-    return Sample(seconds, float(user) + float(system), int(rss), steal)
+    return Sample(seconds, float(user) + float(system), int(rss), steal, machine)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,32 @@ def ratio_value(scenario: Scenario, ratio: Ratio) -> float:
     ours = median_seconds(scenario.tool(ratio.ours))
     ref = median_seconds(scenario.tool(ratio.ref))
     return ours / ref if ratio.kind == "time" else ref / ours
+
+
+def machine_cpu_seconds(tool: Tool) -> float | None:
+    """The median of the machine's CPU seconds over ``tool``'s runs; None when unknown."""
+    known = [s.machine_cpu_seconds for s in tool.samples if s.machine_cpu_seconds is not None]
+    return statistics.median(known) if known else None
+
+
+def floor_text(scenario: Scenario, ratio: Ratio, cores: int) -> str | None:
+    """The best ``ratio`` ours could reach at the CPU it costs the machine, on ``cores``.
+
+    However well a tool overlaps its work, its wall time is at least the CPU seconds the
+    machine spends for it (its own, the sshd's, gpg's, the kernel's) over the core count: a
+    ratio worse than this floor is lost to waiting, one at the floor only to CPU.
+    """
+    busy = machine_cpu_seconds(scenario.tool(ratio.ours))
+    if busy is None or cores < 1:
+        return None
+    floor = busy / cores
+    ref = median_seconds(scenario.tool(ratio.ref))
+    best = floor / ref if ratio.kind == "time" else ref / floor
+    wall = median_seconds(scenario.tool(ratio.ours))
+    return (
+        f"{best:.2f}x at best at this CPU cost: the machine worked {busy:.2f} CPU s for ours, "
+        f"on {cores} cores at least {floor:.2f} s (its wall: {wall:.2f} s)"
+    )
 
 
 def verdict(scenario: Scenario, ratio: Ratio) -> Verdict:
@@ -78,7 +105,7 @@ def _twins(scenario: Scenario) -> list[str]:
 def scenario_table(scenario: Scenario) -> list[str]:
     width = max(24, *(len(t.name) for t in scenario.tools))
     head = f"  {'tool':<{width}} {'wall s: median (min..max)':<27} {'spread':>6} "
-    head += f"{'rate':>15} {'CPU s':>7} {'peak RSS':>9} {'steal %':>8}"
+    head += f"{'rate':>15} {'CPU s':>7} {'machine':>8} {'peak RSS':>9} {'steal %':>8}"
     lines = ["", scenario.title, head, "  " + "-" * (len(head) - 2)]
     for tool in scenario.tools:
         if not tool.samples:
@@ -89,14 +116,20 @@ def scenario_table(scenario: Scenario) -> list[str]:
         spread = (wall.high - wall.low) / wall.median * 100 if wall.median else 0.0
         rate = tool.rate(wall.median) if tool.rate else ""
         figures = f"{wall.median:.2f} ({wall.low:.2f}..{wall.high:.2f})"
+        busy = machine_cpu_seconds(tool)
+        machine = "-" if busy is None else f"{busy:.2f}"
         lines.append(
             f"  {tool.name:<{width}} {figures:<27} {spread:>5.0f}% {rate:>15} "
-            f"{cpu.median:>7.2f} {rss:>5.0f} MiB {steal_text(tool.samples):>8}"
+            f"{cpu.median:>7.2f} {machine:>8} {rss:>5.0f} MiB {steal_text(tool.samples):>8}"
         )
+    cores = os.cpu_count() or 0
     for ratio in scenario.ratios:
         if scenario.tool(ratio.ours).samples and scenario.tool(ratio.ref).samples:
             v = verdict(scenario, ratio)
             lines.append(f"  -> {v.label}: {v.text}")
+            floor = floor_text(scenario, ratio, cores)
+            if floor is not None and v.met is False:
+                lines.append(f"     {floor}")
     for added in scenario.added:
         more, less = scenario.tool(added.more), scenario.tool(added.less)
         if more.samples and less.samples:

@@ -174,9 +174,11 @@ class Runner:
                 tool.samples.append(sample)
                 rate = f", {tool.rate(sample.seconds)}" if tool.rate else ""
                 steal = "" if sample.steal is None else f", host steal {sample.steal:.0%}"
+                busy = sample.machine_cpu_seconds
+                machine = "" if busy is None else f", machine {busy:.2f} CPU s"
                 say(
                     f"  {scenario.key} {tool.name} {i + 1}/{rounds}: {sample.seconds:.2f} s"
-                    f"{rate}, {sample.max_rss_kib / 1024:.0f} MiB peak RSS{steal}"
+                    f"{rate}{machine}, {sample.max_rss_kib / 1024:.0f} MiB peak RSS{steal}"
                 )
         return scenario
 
