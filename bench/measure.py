@@ -15,7 +15,8 @@ the references did.
 It also keeps the CPU time of the whole machine while the run lasted ("machine CPU s": every
 process and the kernel, from /proc/stat): the sshd and gpg-agent sides, which GNU time does not
 see, are in it. On a machine of N cores, a tool cannot take less wall time than its machine CPU
-seconds / N, however well it overlaps its work; report.py shows that floor beside each time ratio.
+seconds / N, however well it overlaps its work; report.py shows the best ratio that floor allows
+beside each missed target.
 """
 
 from __future__ import annotations
