@@ -72,9 +72,9 @@ def cpu_jiffies() -> Jiffies | None:
     # cpu user nice system idle iowait irq softirq steal [guest guest_nice: counted in user]
     if len(fields) < 9 or fields[0] != b"cpu":
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
-    busy = user + nice + system + irq + softirq
-    return Jiffies(steal, busy, sum(int(f) for f in fields[1:9]))
+    ticks = [int(f) for f in fields[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return Jiffies(steal, user + nice + system + irq + softirq, sum(ticks))
 
 
 def steal_between(before: Jiffies | None, after: Jiffies | None) -> float | None:
