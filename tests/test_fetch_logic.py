@@ -319,6 +319,60 @@ def test_packet_pipe_waits_times_out_and_ends_as_bufferedpipe() -> None:
     assert event.is_set()
 
 
+def test_packet_pipe_wait_for_sleeps_until_all_of_a_reply_has_come() -> None:
+    pipe = PacketPipe()
+    waiter = threading.Thread(target=pipe.wait_for, args=(100, 5.0))
+    waiter.start()
+    for _ in range(9):  # 90 bytes of the 100: the waiter must still be waiting
+        pipe.feed(b"x" * 10)
+        time.sleep(0.01)
+    assert waiter.is_alive()
+    pipe.feed(b"y" * 10)
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert pipe.read(100) == b"x" * 90 + b"y" * 10
+
+
+def test_packet_pipe_wait_for_times_out_only_when_nothing_comes() -> None:
+    pipe = PacketPipe()
+
+    def drip() -> None:
+        for _ in range(20):
+            time.sleep(0.05)
+            pipe.feed(b"d")
+
+    dripping = threading.Thread(target=drip)
+    started = time.monotonic()
+    dripping.start()
+    pipe.wait_for(20, timeout=0.3)  # a slow server that keeps sending: 1 s, no timeout
+    dripping.join()
+    assert time.monotonic() - started > 0.5 and len(pipe) == 20
+    with pytest.raises(PipeTimeout):
+        pipe.wait_for(21, timeout=0.2)  # nothing more comes
+    with pytest.raises(PipeTimeout):
+        pipe.wait_for(21, timeout=0.0)
+    pipe.close()
+    pipe.wait_for(21, timeout=5)  # closed: returns with what there is
+    assert pipe.read(100) == b"d" * 20
+
+
+def test_packet_pipe_wakes_a_plain_read_while_another_waits_for_more() -> None:
+    pipe = PacketPipe()
+    big = threading.Thread(target=pipe.wait_for, args=(1000, 5.0))
+    big.start()
+    time.sleep(0.05)
+    got: list[bytes] = []
+    small = threading.Thread(target=lambda: got.append(pipe.read(10, timeout=5)))
+    small.start()
+    time.sleep(0.05)
+    pipe.feed(b"first")
+    small.join(5)
+    assert got == [b"first"] and big.is_alive()
+    pipe.close()
+    big.join(5)
+    assert not big.is_alive()
+
+
 def test_read_ahead_socket_serves_small_reads_from_one_large_one() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:

@@ -713,6 +713,7 @@ class _Channel:
         self.stream = bytearray()
         self.closed_after: int | None = None  # bytes it delivers before it closes
         self.delivered = 0
+        self.in_buffer = None  # not a PacketPipe: _recv_exactly reads without waiting first
 
     def recv(self, size: int) -> bytes:
         assert size > 0, "a read of nothing waits for a packet"
