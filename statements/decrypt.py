@@ -952,13 +952,14 @@ def _pump_plaintext(read_end: int, sink: io.FileIO, digest: hashlib._Hash, expec
     ``expected`` is about how many bytes to expect (the ciphertext's size): a big plaintext
     goes to the disk directly, past the page cache, where the file system allows.
     """
-    direct = DirectWriter.attach(sink.fileno(), digest) if expected >= DIRECT_WRITE_BYTES else None
+    direct = DirectWriter.attach(sink.fileno()) if expected >= DIRECT_WRITE_BYTES else None
     if direct is None:
         return _pump_through_cache(read_end, sink, digest)
     written = 0
     try:
-        while count := os.readv(read_end, [direct.space()]):
-            direct.filled(count)  # which hashes each full MiB: this overlaps gpg's work
+        while count := os.readv(read_end, [space := direct.space()]):
+            digest.update(space[:count])  # hashlib releases the GIL: this overlaps gpg's work
+            direct.filled(count)
             written += count
         direct.close()
     except BaseException:

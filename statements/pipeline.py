@@ -232,12 +232,12 @@ class _HashingSink:
 
     def write(self, data: bytes) -> int:
         if self._direct is not None:
-            self._direct.write(data)  # which hashes it, a MiB at a time
+            self._direct.write(data)
         else:
             view = memoryview(data)
             while view:
                 view = view[self.handle.write(view) or 0 :]
-            self.digest.update(data)
+        self.digest.update(data)
         if self.early is not None:
             self.early.feed(data)
         self.written += len(data)
@@ -456,9 +456,7 @@ def _open_sink(
     """The sink for a .part at ``offset`` of a remote file of ``size`` bytes."""
     # O_DIRECT writes must start on a block: only a big .part written from byte 0.
     direct = (
-        DirectWriter.attach(handle.fileno(), digest)
-        if not offset and size >= DIRECT_WRITE_BYTES
-        else None
+        DirectWriter.attach(handle.fileno()) if not offset and size >= DIRECT_WRITE_BYTES else None
     )
     kind = _BackgroundSink if size - offset >= BACKGROUND_WRITE_BYTES else _HashingSink
     try:

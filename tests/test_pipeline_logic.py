@@ -145,8 +145,8 @@ def each_sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     attached: list[bool] = []
     attach = DirectWriter.attach
 
-    def spying(fd: int, digest: hashlib._Hash | None = None) -> DirectWriter | None:
-        writer = attach(fd, digest)
+    def spying(fd: int) -> DirectWriter | None:
+        writer = attach(fd)
         attached.append(writer is not None)
         return writer
 
@@ -303,8 +303,8 @@ def test_a_download_whose_writer_thread_cannot_start_leaves_no_thread_and_no_par
     attached: list[DirectWriter | None] = []
     attach = DirectWriter.attach
 
-    def spying(fd: int, digest: hashlib._Hash | None = None) -> DirectWriter | None:
-        attached.append(attach(fd, digest))
+    def spying(fd: int) -> DirectWriter | None:
+        attached.append(attach(fd))
         return attached[-1]
 
     monkeypatch.setattr(DirectWriter, "attach", spying)
