@@ -880,6 +880,7 @@ class PacketPipe:
         self._closed = False
         self._event: threading.Event | None = None
         self._wants: list[int] = []  # what each waiting reader waits for, in bytes buffered
+        self._fed_at = 0.0  # time.monotonic() of the last packet
 
     def set_event(self, event: threading.Event) -> None:
         with self._lock:
@@ -896,6 +897,7 @@ class PacketPipe:
             if data:
                 self._packets.append(bytes(data))
                 self._size += len(data)
+                self._fed_at = time.monotonic()
             # Each wake-up of a reader is a switch of threads (and of the GIL). A 1 GiB
             # download woken per reply, not per packet: 41% fewer futex calls, 8% less CPU
             # and 9% less time (8 interleaved pairs, medians).
@@ -915,13 +917,11 @@ class PacketPipe:
             raise PipeTimeout()
         self._wants.append(nbytes)
         try:
-            size = self._size
-            deadline = None if timeout is None else time.monotonic() + timeout
+            started = time.monotonic()
             while self._size < nbytes and not self._closed:
-                now = time.monotonic()
-                if self._size > size and timeout is not None:
-                    size, deadline = self._size, now + timeout
-                left = None if deadline is None else deadline - now
+                # A reader woken only for all it needs still times out from the last byte.
+                quiet_since = max(started, self._fed_at)
+                left = None if timeout is None else quiet_since + timeout - time.monotonic()
                 if left is not None and left <= 0:
                     raise PipeTimeout()
                 self._ready.wait(left)

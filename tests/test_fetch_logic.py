@@ -356,6 +356,17 @@ def test_packet_pipe_wait_for_times_out_only_when_nothing_comes() -> None:
     assert pipe.read(100) == b"d" * 20
 
 
+def test_packet_pipe_wait_for_times_out_counting_from_the_last_byte() -> None:
+    # The waiter is not woken by a packet that leaves it short, yet a stall must still be
+    # timeout seconds after the last byte: here 2.2 s, not the 4 s of a timer restarted late.
+    pipe = PacketPipe()
+    threading.Timer(0.2, pipe.feed, args=(b"part",)).start()
+    started = time.monotonic()
+    with pytest.raises(PipeTimeout):
+        pipe.wait_for(100, timeout=2.0)
+    assert 2.0 < time.monotonic() - started < 3.5
+
+
 def test_packet_pipe_wakes_a_plain_read_while_another_waits_for_more() -> None:
     pipe = PacketPipe()
     big = threading.Thread(target=pipe.wait_for, args=(1000, 5.0))
