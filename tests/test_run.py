@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -26,7 +27,9 @@ from tests.sshd import SshdServer
 
 pytestmark = pytest.mark.integration
 
-TODAY = datetime.now(UTC).date().isoformat()
+
+def utc_day() -> str:
+    return datetime.now(UTC).date().isoformat()
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
@@ -52,6 +55,22 @@ def archive_tree(project: Project) -> dict[str, str]:
     tree = harness.archive_tree(project.root / "archive")
     harness.assert_consistent(project.root / "archive")
     return tree
+
+
+def fetched_day(project: Project, remote_name: str, *, between: tuple[str, str]) -> str:
+    """The UTC day the ledger says ``remote_name`` was fetched: _unsorted/ files by it.
+
+    Read rather than assumed, so a run that crosses midnight UTC is judged by its own record;
+    checked to lie within ``between`` (the days before and after the fetching run).
+    """
+    with contextlib.closing(sqlite3.connect(project.root / "archive" / "index.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT fetched_at FROM fetched WHERE remote_path LIKE ?", (f"%/{remote_name}",)
+        ).fetchall()
+    assert len(rows) == 1, rows
+    day = str(rows[0][0])[:10]
+    assert between[0] <= day <= between[1], (day, between)
+    return day
 
 
 def test_run_archives_every_report_once_where_the_contract_says(
@@ -95,8 +114,10 @@ def test_run_archives_every_report_once_where_the_contract_says(
         (sftp_dir / name).write_bytes(data)
 
     env = env_for(run_project, sshd)
+    before = utc_day()
     result = run_project.run("run", env=env)
     assert result.returncode == 1, result.stderr  # some failed, the rest archived
+    day = fetched_day(run_project, "statement export.pgp", between=(before, utc_day()))
     expected = {
         "U4698258/2026/U4698258.Trade_History.20260901.20260901.xml": sha(trade),
         "U4698258/2026/U4698258.Equity_Summary_in_Base.20260901.20260901.xml": sha(equity),
@@ -104,7 +125,7 @@ def test_run_archives_every_report_once_where_the_contract_says(
         "F9999999/2025/Firm_Summary.txt": sha(firm),
         "U20343697/2025/Jane_Doe_U20343697_October_01_2025_December_31_2025.csv": sha(jane),
         "U1111111/2025/John_Roe_U1111111_October_01_2025_December_31_2025.csv": sha(john),
-        f"_unsorted/{TODAY}/statement export": sha(unsorted),
+        f"_unsorted/{day}/statement export": sha(unsorted),
     }
     assert archive_tree(run_project) == expected
 
@@ -170,7 +191,9 @@ def test_retry_quarantine_after_the_missing_key_is_imported(
     (sftp_dir / "late.pgp").write_bytes(sender.encrypt(b"late report", recipient=stranger))
     sender.stop()
     env = env_for(run_project, sshd)
+    before = utc_day()
     assert run_project.run("run", env=env).returncode == 1
+    day = fetched_day(run_project, "late.pgp", between=(before, utc_day()))
     # The user imports the other secret key (say, from an old machine) and retries.
     secret = subprocess.run(
         [
@@ -197,7 +220,7 @@ def test_retry_quarantine_after_the_missing_key_is_imported(
     subprocess.run(["gpgconf", "--homedir", str(stranger_home), "--kill", "gpg-agent"], check=False)
     result = run_project.run("decrypt", "--retry-quarantine", env=env)
     assert result.returncode == 0, result.stderr
-    assert archive_tree(run_project) == {f"_unsorted/{TODAY}/late": sha(b"late report")}
+    assert archive_tree(run_project) == {f"_unsorted/{day}/late": sha(b"late report")}
     assert list((run_project.root / "archive" / ".quarantine").iterdir()) == []
 
 

@@ -538,12 +538,32 @@ class SetupBytes:
         return "listing or transfer"
 
 
+# sshd sends its host keys unasked within microseconds of the login's answer. When the proxy
+# has passed both on before auth_publickey returns, the login's end cannot be told from the
+# totals; the measurement is then taken again (on this VM about one in four).
+SETUP_MEASURE_TRIES = 8
+
+
 def setup_bytes(proxy: LineProxy, sshd: SshdServer) -> SetupBytes:
     """Measured with paramiko itself through the proxy, with the product's cipher preference so
     that packet sizes match the product's connections (about 1.7, 1.8 and 3.1 KiB)."""
     key = paramiko.RSAKey.from_private_key_file(
         str(sshd.client_key_path), password=sshd.client_key_passphrase
     )
+    seen = []
+    for _ in range(SETUP_MEASURE_TRIES):
+        key_exchange, login, settled, sftp = _setup_totals(proxy, sshd, key)
+        seen.append((key_exchange, login, settled, sftp))
+        if login < settled:
+            break
+    assert key_exchange < login < settled < sftp, seen
+    return SetupBytes(key_exchange, login, sftp)
+
+
+def _setup_totals(
+    proxy: LineProxy, sshd: SshdServer, key: paramiko.RSAKey
+) -> tuple[int, int, int, int]:
+    """Server bytes after the key exchange, the login, sshd's host keys and the SFTP start."""
     proxy.arm(None)
     with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
         transport = paramiko.Transport(sock)
@@ -557,13 +577,13 @@ def setup_bytes(proxy: LineProxy, sshd: SshdServer) -> SetupBytes:
             key_exchange = proxy.total
             transport.auth_publickey(sshd.username, key)
             login = proxy.total
-            settled = quiet_total(proxy, beyond=login)  # sshd's host keys, sent unasked
+            # sshd's host keys, sent unasked; none within limit_s: they came with the login's answer
+            settled = quiet_total(proxy, beyond=login, limit_s=5.0)
             paramiko.SFTPClient.from_transport(transport)
             sftp = proxy.total
         finally:
             transport.close()
-    assert key_exchange < login < settled < sftp, (key_exchange, login, settled, sftp)
-    return SetupBytes(key_exchange, login, sftp)
+    return key_exchange, login, settled, sftp
 
 
 def quiet_total(
