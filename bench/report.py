@@ -127,8 +127,7 @@ def scenario_table(scenario: Scenario) -> list[str]:
         if scenario.tool(ratio.ours).samples and scenario.tool(ratio.ref).samples:
             v = verdict(scenario, ratio)
             lines.append(f"  -> {v.label}: {v.text}")
-            floor = floor_text(scenario, ratio, cores)
-            if floor is not None and v.met is False:
+            if v.met is False and (floor := floor_text(scenario, ratio, cores)) is not None:
                 lines.append(f"     {floor}")
     for added in scenario.added:
         more, less = scenario.tool(added.more), scenario.tool(added.less)

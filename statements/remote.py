@@ -934,12 +934,9 @@ class PacketPipe:
 
     def read(self, nbytes: int, timeout: float | None = None) -> bytes:
         with self._lock:
+            self._wait(1, timeout)
             if not self._size:
-                if self._closed:
-                    return b""
-                self._wait(1, timeout)
-                if not self._size:
-                    return b""  # closed while waiting
+                return b""  # closed
             out = self._take(nbytes)
             if not self._size and self._event is not None and not self._closed:
                 self._event.clear()
