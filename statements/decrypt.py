@@ -50,7 +50,7 @@ from typing import IO, Any, Literal
 
 from statements.agentlanes import clear_lanes, lanes_folder, make_lane, remove_lane
 from statements.errors import DiskFull, ExitCode, KeyProblem, StatementsError
-from statements.fsutil import DIRECT_WRITE_BYTES, DirectWriter, Writeback, fsync_dir
+from statements.fsutil import Writeback, forget_cached, fsync_dir
 from statements.keys.pgp import check_passphrase, gpg_time, open_gnupg, status_summary
 
 log = logging.getLogger(__name__)
@@ -463,21 +463,21 @@ class Decryptor:
         """
         self._open()
         try:
-            with source.open("rb") as readable:  # gpg reads it; a clear error here if it cannot
-                size = os.fstat(readable.fileno()).st_size
+            with source.open("rb"):  # gpg reads it; a clear error here if it cannot
+                pass
         except OSError as exc:
             raise DecryptFailed(
                 "gpg_error", f"Cannot read {source}: {exc.strerror}.", "Check the inbox folder."
             ) from None
         try:
-            return self._decrypt_with(source, size, output, home_only=False)
+            return self._decrypt_with(source, output, home_only=False)
         except DecryptFailed as exc:
             if not exc.in_lane:
                 raise
             # A lane's refusal is checked by the home itself: a lane must never cost a file
             # that the home would have decrypted (say, its agent died under it).
             log.info("retrying %s in the GnuPG home itself: %s", source.name, exc.message)
-        return self._decrypt_with(source, size, output, home_only=True)
+        return self._decrypt_with(source, output, home_only=True)
 
     def close(self) -> None:
         """Stop the lanes' gpg-agents and delete the lanes; the decryptor stays usable."""
@@ -542,9 +542,10 @@ class Decryptor:
             cached = self._listing
         return cached if cached is not None else self._list_secret_keys()
 
-    def _decrypt_with(self, source: Path, size: int, output: Path, *, home_only: bool) -> Decrypted:
+    def _decrypt_with(self, source: Path, output: Path, *, home_only: bool) -> Decrypted:
         try:
-            # mkstemp makes the file 0600: the plaintext is never readable by others.
+            # mkstemp makes the file 0600 (the plaintext is never readable by others) and opens
+            # it for reading too: the plaintext is hashed back from it as gpg writes it.
             fd, tmp_name = tempfile.mkstemp(
                 dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"
             )
@@ -559,7 +560,7 @@ class Decryptor:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb", buffering=0) as sink:
-                return self._decrypt(source, size, sink, tmp, output, home_only=home_only)
+                return self._decrypt(source, sink, tmp, output, home_only=home_only)
         finally:
             # Only a successful decryption renamed it; every failure leaves nothing behind.
             tmp.unlink(missing_ok=True)
@@ -567,18 +568,17 @@ class Decryptor:
     def _decrypt(
         self,
         source: Path,
-        size: int,
         sink: io.FileIO,
         tmp: Path,
         output: Path,
         *,
         home_only: bool,
     ) -> Decrypted:
-        # gpg reads the ciphertext file itself and writes the plaintext to a pipe that this
-        # process hashes and writes into ``tmp`` as it comes, on the other core (python-gnupg's
-        # _handle_io would also copy the ciphertext through a pipe, about as slow as gpg's own
-        # decryption). Only the passphrase goes to stdin. The path is absolute and after "--",
-        # so a name that starts with "-" is never read as an option.
+        # gpg reads the ciphertext file itself and writes the plaintext into ``tmp``, which this
+        # process hashes as it grows, on the other core (python-gnupg's _handle_io would copy
+        # the ciphertext through a pipe, about as slow as gpg's own decryption). Only the
+        # passphrase goes to stdin. The path is absolute and after "--", so a name that starts
+        # with "-" is never read as an option.
         args = [*_DECRYPT_ARGS, "--", str(source.absolute())]
         secret = self._secret()
         # The lane is held only while gpg runs: the checks, fsync and rename below leave its
@@ -586,7 +586,7 @@ class Decryptor:
         gpg, lane = self._take(home_only=home_only)
         try:
             command = gpg.make_args(args, self._passphrase is not None)
-            run = _run_gpg(command, gpg.env, secret, sink, size)
+            run = _run_gpg(command, gpg.env, secret, sink)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 # gpg decrypts fine; the disk is full, not the file broken. Nothing is
@@ -602,6 +602,7 @@ class Decryptor:
             self._give_back(gpg, lane)
         st, lines = self._verdict(source, run, in_lane=lane is not None)
         os.fsync(sink.fileno())
+        forget_cached(sink.fileno())
         tmp.replace(output)
         fsync_dir(output.parent)
         return _decrypted(output, run, st, lines)
@@ -626,7 +627,7 @@ class Decryptor:
         self._check_signature(source, st, lines)
         return st, lines
 
-    def start_early(self, name: str, folder: Path, size: int) -> EarlyDecryption | None:
+    def start_early(self, name: str, folder: Path) -> EarlyDecryption | None:
         """Start decrypting a file while it is still arriving; None if gpg or its threads
         cannot start.
 
@@ -639,7 +640,7 @@ class Decryptor:
         gpg = self._open()
         command = gpg.make_args(list(_DECRYPT_ARGS), self._passphrase is not None)
         try:
-            return EarlyDecryption(self, name, folder, size, command, gpg.env, self._secret())
+            return EarlyDecryption(self, name, folder, command, gpg.env, self._secret())
         except OSError as exc:
             log.info("cannot decrypt %s while it downloads: %s", name, exc.strerror or exc)
             return None
@@ -865,11 +866,11 @@ class _GpgRun:
     sha256: str  # of those bytes
 
 
-# gpg's plaintext to a pipe (stdin is the passphrase, or the ciphertext of an early decryption).
-# Its stdout named as file descriptor 1 ("-&1"), not "-": gpg 2.2 writes "-" 4 KiB at a time and
-# a descriptor 8 KiB at a time, as it writes a named file. Half the writes: gpg's time for 1 GiB
-# into a pipe 1.62 -> 1.53 s (16 alternating pairs). Every path given to gpg is absolute, so
-# none reads as "-&N".
+# gpg writes the plaintext into the 0600 file this process made for it, as its stdout (stdin is
+# the passphrase, or the ciphertext of an early decryption), and this process hashes the file as
+# it grows (_follow_plaintext). Its stdout named as file descriptor 1 ("-&1"), not "-": gpg 2.2
+# writes "-" 4 KiB at a time and a descriptor 8 KiB at a time, as it writes a named file. Every
+# path given to gpg is absolute, so none reads as "-&N".
 _DECRYPT_ARGS = (
     "--decrypt",
     "--enable-special-filenames",
@@ -879,36 +880,41 @@ _DECRYPT_ARGS = (
     "always",  # a signature is judged against signer_fingerprints, not the web of trust
     "--no-auto-key-retrieve",  # an unknown signer must not make gpg go to the network
 )
-_PIPE_BYTES = 1 << 20  # a pipe that holds what gpg writes while this process hashes
+_PIPE_BYTES = 1 << 20  # a pipe that holds a few read replies of ciphertext for gpg
 _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+_FOLLOW_BYTES = 1 << 20  # read and hashed at a time from the growing plaintext
+# Writeback steps left in flight while the follower goes on hashing: waiting for the step just
+# queued would hold the hash (and so the end of the decryption) to the disk's pace.
+_FOLLOW_WRITEBACK_BEHIND = 4
+_FOLLOW_NAP_S = 0.002  # how often a follower looks for more; gpg writes ~0.8 MB in that time
+# Free bytes under which a failed gpg is taken to have filled the disk: gpg says so only in
+# (translated) words, rc 2 after DECRYPTION_OKAY, and then at most a write's 8 KiB were left.
+_FULL_DISK_BYTES = 1 << 16
 
 
 def _run_gpg(
-    command: Sequence[str], env: Mapping[str, str], secret: bytes, sink: io.FileIO, expected: int
+    command: Sequence[str], env: Mapping[str, str], secret: bytes, sink: io.FileIO
 ) -> _GpgRun:
-    """Run gpg with its stdout into ``sink``, hashed on the way; raise OSError on a write error.
+    """Run gpg with its stdout into ``sink``, hashed as it grows; raise OSError on a read error,
+    or ENOSPC when gpg failed and the disk is full.
 
-    gpg is killed and reaped before an error leaves, so no gpg outlives a failed write.
+    gpg is killed and reaped before an error leaves, so no gpg outlives a failed run.
     """
     digest = hashlib.sha256()
-    read_end, write_end = _plaintext_pipe()
     try:
         process = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
-            stdout=write_end,
+            stdout=sink.fileno(),
             stderr=subprocess.PIPE,
             env=dict(env),
         )
     except (OSError, ValueError) as exc:
-        os.close(read_end)
         return _GpgRun(None, "", str(exc), 0, digest.hexdigest())
-    finally:
-        os.close(write_end)  # gpg holds its own copy: EOF comes when gpg closes it
     assert process.stdin is not None and process.stderr is not None
     errors: list[bytes] = []
     # Status lines are read on their own thread: a gpg blocked writing them must never stall
-    # the plaintext pipe, nor the other way round.
+    # the decryption, nor the other way round.
     reader = threading.Thread(
         target=_read_all, args=(process.stderr, errors), name="gpg-stderr", daemon=True
     )
@@ -918,25 +924,20 @@ def _run_gpg(
             process.stdin.write(secret)
         with contextlib.suppress(BrokenPipeError):
             process.stdin.close()
-        written = _pump_plaintext(read_end, sink, digest, expected)
+        written = _follow_plaintext(sink.fileno(), process, digest)
     except BaseException:
         process.kill()
         raise
     finally:
-        os.close(read_end)
         process.wait()
         if reader.ident is not None:  # None: it could not be started
             reader.join()
         else:
             process.stderr.close()
+    if process.returncode != 0 and _disk_full(sink.fileno()):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     stderr = b"".join(errors).decode("utf-8", "replace")
     return _GpgRun(process.returncode, stderr, None, written, digest.hexdigest())
-
-
-def _plaintext_pipe() -> tuple[int, int]:
-    read_end, write_end = os.pipe()
-    _widen_pipe(read_end)
-    return read_end, write_end
 
 
 def _widen_pipe(fd: int) -> None:
@@ -946,41 +947,44 @@ def _widen_pipe(fd: int) -> None:
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
 
 
-def _pump_plaintext(read_end: int, sink: io.FileIO, digest: hashlib._Hash, expected: int) -> int:
-    """Copy what gpg writes into ``sink`` until it closes the pipe, hashing it; bytes copied.
+def _follow_plaintext(fd: int, process: subprocess.Popen[bytes], digest: hashlib._Hash) -> int:
+    """Hash the file ``fd`` (open for reading too) as gpg, ``process``, writes it, until gpg
+    has exited and all of it is hashed; bytes hashed.
 
-    ``expected`` is about how many bytes to expect (the ciphertext's size): a big plaintext
-    goes to the disk directly, past the page cache, where the file system allows.
+    gpg writing into the file itself, not into a pipe that this process copies into the file,
+    spares a pipe's wake-up every 8 KiB: on these VMs, with a sleeping reader on the other
+    core, that cost gpg more than the copy (1 GiB: gpg into a pipe read by `cat` 3.3-4.5 s,
+    into a file 2.6-3.0 s). Writeback keeps the page cache to a few steps and has the disk
+    written while gpg works, so the final fsync finds little left.
     """
-    direct = DirectWriter.attach(sink.fileno()) if expected >= DIRECT_WRITE_BYTES else None
-    if direct is None:
-        return _pump_through_cache(read_end, sink, digest)
-    written = 0
-    try:
-        while count := os.readv(read_end, [space := direct.space()]):
-            digest.update(space[:count])  # hashlib releases the GIL: this overlaps gpg's work
-            direct.filled(count)
-            written += count
-        direct.close()
-    except BaseException:
-        direct.abort()
-        raise
-    return written
-
-
-def _pump_through_cache(read_end: int, sink: io.FileIO, digest: hashlib._Hash) -> int:
-    written = 0
-    writeback = Writeback(sink.fileno())
-    buffer = bytearray(_PIPE_BYTES)
+    writeback = Writeback(fd, behind=_FOLLOW_WRITEBACK_BEHIND)
+    buffer = bytearray(_FOLLOW_BYTES)
     view = memoryview(buffer)
-    while count := os.readv(read_end, [buffer]):
-        chunk = view[:count]
-        digest.update(chunk)  # hashlib releases the GIL: this overlaps gpg's work
-        while chunk:
-            chunk = chunk[sink.write(chunk) or 0 :]
-        written += count
-        writeback.written(written)
-    return written
+    hashed = 0
+    while True:
+        exited = process.poll() is not None  # before the size: then that size is the last
+        size = os.fstat(fd).st_size
+        while hashed < size:
+            count = os.preadv(fd, [view[: min(len(view), size - hashed)]], hashed)
+            if not count:
+                break  # made shorter under us: gpg's own writes never do that
+            digest.update(view[:count])  # hashlib releases the GIL: this overlaps gpg's work
+            hashed += count
+            writeback.written(hashed)
+        if exited:
+            return hashed
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(_FOLLOW_NAP_S)  # returns within a millisecond of gpg's exit
+
+
+def _disk_full(fd: int) -> bool:
+    """Whether the file system holding ``fd`` is full: a failed gpg then failed to write."""
+    try:
+        fs = os.fstatvfs(fd)
+    except OSError:
+        return False
+    free = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may use the reserve
+    return free * fs.f_frsize < _FULL_DISK_BYTES
 
 
 def _decrypted(output: Path, run: _GpgRun, st: GpgStatus, lines: tuple[str, ...]) -> Decrypted:
@@ -1001,8 +1005,8 @@ class EarlyDecryption:
     """One gpg decrypting a file as its bytes arrive (see :meth:`Decryptor.start_early`).
 
     gpg reads the ciphertext from a pipe that :meth:`feed` fills, and the passphrase from a pipe
-    of its own; its plaintext goes through a thread that hashes it and writes it to a 0600
-    temporary file in ``folder``. A feed that cannot go on (gpg exited, or read nothing for
+    of its own; it writes the plaintext into a 0600 temporary file in ``folder``, which a thread
+    hashes as it grows. A feed that cannot go on (gpg exited, or read nothing for
     FEED_STALL_S) gives up on the early decryption and never on the download.
     """
 
@@ -1013,26 +1017,22 @@ class EarlyDecryption:
         decryptor: Decryptor,
         name: str,
         folder: Path,
-        size: int,
         command: list[str],
         env: Mapping[str, str],
         secret: bytes,
     ) -> None:
         self._decryptor = decryptor
         self.name = name
-        self._size = size  # the ciphertext's
         self.failed: str | None = None  # why the early decryption was given up
         self._digest = hashlib.sha256()
         self._written = 0
-        self._pump_error: OSError | None = None
+        self._follow_error: OSError | None = None
         self._errors: list[bytes] = []
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".early")
         self.output = Path(tmp)
-        self._sink = os.fdopen(fd, "wb", buffering=0)
+        self._sink = os.fdopen(fd, "wb", buffering=0)  # mkstemp's fd reads too: it is followed
         opened: list[int] = []  # pipe ends this process must close whatever happens
         try:
-            read_end, write_end = _plaintext_pipe()
-            opened += [read_end, write_end]
             secret_read, secret_write = os.pipe()
             opened += [secret_read, secret_write]
             os.write(secret_write, secret)  # far below a pipe's capacity: never blocks
@@ -1042,12 +1042,11 @@ class EarlyDecryption:
             self._process = subprocess.Popen(
                 command,
                 stdin=subprocess.PIPE,
-                stdout=write_end,
+                stdout=self._sink.fileno(),
                 stderr=subprocess.PIPE,
                 env=dict(env),
                 pass_fds=(secret_read,),
             )
-            opened.remove(read_end)  # the pump thread's from here on
         except BaseException:
             self._discard()
             raise
@@ -1061,7 +1060,7 @@ class EarlyDecryption:
         self._writable = select.poll()  # not select(): a busy process may have fds past 1024
         self._writable.register(self._stdin, select.POLLOUT)
         self._threads = [
-            threading.Thread(target=self._pump, args=(read_end,), name="gpg-early", daemon=True),
+            threading.Thread(target=self._follow, name="gpg-early", daemon=True),
             threading.Thread(
                 target=_read_all,
                 args=(self._process.stderr, self._errors),
@@ -1075,8 +1074,6 @@ class EarlyDecryption:
                 thread.start()
                 started += 1
         except RuntimeError as exc:  # no thread can be started: give up before the first byte
-            if not started:
-                os.close(read_end)  # the pump's, which never ran
             self._threads = self._threads[:started]
             self.abandon()
             self._process.stderr.close()  # its reader, if it ran, is joined
@@ -1114,9 +1111,9 @@ class EarlyDecryption:
         except subprocess.TimeoutExpired:
             self._give_up(f"gpg did not finish within {self.FEED_STALL_S:g} s of the last byte")
         self._reap()
-        if self.failed is None and self._pump_error is not None:
-            error = self._pump_error
-            self.failed = f"cannot write the plaintext: {error.strerror or error}"
+        if self.failed is None and self._follow_error is not None:
+            error = self._follow_error
+            self.failed = f"cannot read the plaintext back: {error.strerror or error}"
         if self.failed is not None:
             self._fall_back()
             return None
@@ -1127,6 +1124,7 @@ class EarlyDecryption:
         try:
             st, lines = self._decryptor._verdict(source, run, in_lane=False)
             os.fsync(self._sink.fileno())
+            forget_cached(self._sink.fileno())
         except (DecryptFailed, OSError) as exc:
             self.failed = exc.message if isinstance(exc, DecryptFailed) else str(exc)
             self._fall_back()
@@ -1140,16 +1138,12 @@ class EarlyDecryption:
         self._reap()
         self._discard()
 
-    def _pump(self, read_end: int) -> None:
+    def _follow(self) -> None:
         try:
-            self._written = _pump_plaintext(read_end, self._sink, self._digest, self._size)
-        except OSError as exc:  # say the disk is full: gpg must not stall the feed for it
-            self._pump_error = exc
+            self._written = _follow_plaintext(self._sink.fileno(), self._process, self._digest)
+        except OSError as exc:  # say the disk failed a writeback: gpg must not go on for it
+            self._follow_error = exc
             self._process.kill()
-            while os.read(read_end, _PIPE_BYTES):  # drain, so gpg's last write returns
-                pass
-        finally:
-            os.close(read_end)
 
     def _give_up(self, why: str) -> None:
         if self.failed is None:

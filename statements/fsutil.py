@@ -6,6 +6,7 @@ with ``umask 000`` still gets 0600 keys in a 0700 folder.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -46,10 +47,11 @@ class Writeback:
     cached: a 1 GiB report took 1 GiB of fresh page cache, and fresh pages are dear (on the
     VMs measured, 1.6-2.1 s of system time per GiB, against 0.3 s when the same pages are
     reused). Every STEP this queues the new bytes for writeback
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, no waiting), waits for the previous step's
-    writeback and drops those now clean pages (``POSIX_FADV_DONTNEED``), so a file of any size
-    holds about two steps of cache and the next step reuses the pages just freed. The archive
-    is written once and seldom read: keeping it cached would only evict what the user reads.
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, no waiting), waits for the writeback of the step
+    ``behind`` steps earlier and drops those now clean pages (``POSIX_FADV_DONTNEED``), so a file
+    of any size holds about ``behind + 1`` steps of cache and the next step reuses the pages
+    just freed. The archive is written once and seldom read: keeping it cached would only evict
+    what the user reads.
 
     None of this promises durability; the caller still fsyncs at the end. Elsewhere than Linux
     (or if the call is missing) this does nothing and the fsync does all the work, as before.
@@ -57,10 +59,12 @@ class Writeback:
 
     STEP = 8 << 20  # bytes written between two writeback requests
 
-    def __init__(self, fd: int, offset: int = 0) -> None:
+    def __init__(self, fd: int, offset: int = 0, *, behind: int = 1) -> None:
         self.fd = fd
         self.started = offset  # bytes whose writeback was requested
         self.dropped = offset  # bytes written to disk and dropped from the page cache
+        self.behind = behind  # steps left in flight before the oldest is waited for
+        self._in_flight: collections.deque[tuple[int, int]] = collections.deque()
 
     def written(self, total: int) -> None:
         """``total`` bytes of the file are written: queue what is new once a step is reached.
@@ -71,13 +75,14 @@ class Writeback:
         if total - self.started < self.STEP or _sync_file_range is None:
             return
         _checked(_sync_file_range(self.fd, self.started, total - self.started, _WRITE))
-        if self.started > self.dropped:
-            length = self.started - self.dropped
-            _checked(_sync_file_range(self.fd, self.dropped, length, _WAIT_AND_WRITE))
-            # The kernel keeps a partly covered last page, so appending to it never re-reads.
-            os.posix_fadvise(self.fd, self.dropped, length, os.POSIX_FADV_DONTNEED)
-            self.dropped = self.started
+        self._in_flight.append((self.started, total))
         self.started = total
+        while len(self._in_flight) > self.behind:
+            begin, end = self._in_flight.popleft()
+            _checked(_sync_file_range(self.fd, begin, end - begin, _WAIT_AND_WRITE))
+            # The kernel keeps a partly covered last page, so appending to it never re-reads.
+            os.posix_fadvise(self.fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
+            self.dropped = end
 
 
 def _checked(result: int) -> None:
@@ -252,6 +257,14 @@ class DirectWriter:
     def _buffered(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, self._buffered_flags)
         self._direct = False
+
+
+def forget_cached(fd: int) -> None:
+    """Let the page cache forget a file just fsynced (every page of it clean, so all go): an
+    archived file is written once and seldom read. Best effort; elsewhere than POSIX nothing."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def fsync_dir(path: Path) -> None:

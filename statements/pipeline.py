@@ -346,7 +346,7 @@ class EarlyDecryptions:
             return None
         log.debug("decrypting %s while it downloads", remote.relative)
         _private_dir(self.folder.parent)  # mkdir's parents get 0777-umask: make each one
-        return self.decryptor.start_early(inbox_name, _private_dir(self.folder), remote.size)
+        return self.decryptor.start_early(inbox_name, _private_dir(self.folder))
 
     def landed(self, inbox_name: str, decrypted: Decrypted) -> None:
         with self._lock:

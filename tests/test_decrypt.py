@@ -16,6 +16,7 @@ import resource
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,11 +32,12 @@ from statements.decrypt import (
     DecryptFailed,
     Decryptor,
     EarlyDecryption,
+    _follow_plaintext,
     failure_kind,
     parse_status,
 )
 from statements.errors import ExitCode, KeyProblem
-from statements.fsutil import DIRECT_WRITE_BYTES, DirectWriter
+from statements.fsutil import Writeback
 from statements.keys.pgp import generate_pgp_key, stop_agent
 from tests.harness import cached_bytes, gpg_children
 
@@ -327,7 +329,7 @@ def test_large_file_streams_with_bounded_memory_past_the_page_cache(
         str(plain),
     )
     plain.unlink()
-    assert source.stat().st_size >= DIRECT_WRITE_BYTES
+    assert source.stat().st_size >= 4 * Writeback.STEP  # several steps of writeback
     dec = decryptor(world)
     dec.preflight()  # gpg handle and key listing made before measuring
 
@@ -335,7 +337,7 @@ def test_large_file_streams_with_bounded_memory_past_the_page_cache(
     if way == "decrypt":
         result: Decrypted | None = dec.decrypt(source, disk_folder / "big.csv")
     else:
-        early = dec.start_early("big.csv.pgp", disk_folder, source.stat().st_size)
+        early = dec.start_early("big.csv.pgp", disk_folder)
         assert early is not None
         with source.open("rb") as handle:
             while piece := handle.read(255 * 1024):  # SFTP replies' size
@@ -344,12 +346,37 @@ def test_large_file_streams_with_bounded_memory_past_the_page_cache(
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
     assert result is not None
-    # Written past the page cache (DirectWriter), so an archive written once and seldom read
-    # does not push out what the user reads; the last, partial buffer goes through the cache.
+    # Gone from the page cache once written (Writeback as it grows, all of it once fsynced),
+    # so an archive written once and seldom read does not push out what the user reads.
     # (Asked before anything reads the file.)
-    assert cached_bytes(result.output) <= DirectWriter.CHUNK
+    assert cached_bytes(result.output) == 0
     assert sha256(result.output) == digest.hexdigest() == result.sha256
     assert grown_mib < 30, f"peak RSS grew by {grown_mib:.0f} MiB for a 50 MiB file"
+
+
+def test_the_follower_hashes_all_a_slow_writer_wrote_including_after_its_last_look(
+    tmp_path: Path,
+) -> None:
+    """A writer (standing in for gpg) that writes in bursts, pauses and writes its last burst
+    right before it exits: the hash covers every byte, none twice, whatever the timing."""
+    writer = (
+        "import os, sys, time\n"
+        "for i in range(40):\n"
+        "    os.write(1, bytes([i]) * (i * 40_000 + 1))\n"
+        "    time.sleep(0.003 if i % 7 else 0.02)\n"
+        "os.write(1, b'last' * 300_000)\n"
+    )
+    expected = b"".join(bytes([i]) * (i * 40_000 + 1) for i in range(40)) + b"last" * 300_000
+    fd = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        process = subprocess.Popen([sys.executable, "-c", writer], stdout=fd)
+        digest = hashlib.sha256()
+        hashed = _follow_plaintext(fd, process, digest)
+        assert process.returncode == 0
+    finally:
+        os.close(fd)
+    assert hashed == len(expected) == (tmp_path / "plain").stat().st_size
+    assert digest.hexdigest() == hashlib.sha256(expected).hexdigest()
 
 
 # --- the four errors a user must be able to tell apart ------------------------------------
@@ -1059,7 +1086,7 @@ def test_a_lane_folder_too_deep_for_a_socket_is_not_used(
 
 
 def feed_in_pieces(dec: Decryptor, data: bytes, folder: Path) -> EarlyDecryption:
-    early = dec.start_early("f.pgp", folder, 0)
+    early = dec.start_early("f.pgp", folder)
     assert early is not None
     rng = random.Random(len(data))
     at = 0
@@ -1137,7 +1164,7 @@ def test_a_gpg_that_stops_reading_never_stalls_the_download(
     dec = Decryptor(world.ours, passphrase=PASSPHRASE, gpg_binary=str(wrapper))
     folder = tmp_path / "early"
     folder.mkdir()
-    early = dec.start_early("f.pgp", folder, 0)
+    early = dec.start_early("f.pgp", folder)
     assert early is not None
     started = time.monotonic()
     for _ in range(64):  # 8 MiB, far more than a pipe holds

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from statements import config, pipeline
-from statements.decrypt import _PIPE_BYTES, Decryptor
+from statements.decrypt import Decryptor
 from statements.errors import ExitCode
 from statements.fsutil import Writeback
 from statements.ledger import Ledger
@@ -103,14 +103,12 @@ def test_run_archives_early_decrypted_files_as_a_plain_run_would(
     # ask, so there is nothing to check there).
     if harness.filesystem_type(archive) != "tmpfs":
         # At most two steps, the bytes since the last one and one write: an SFTP read (up to
-        # 256 KiB) for the ciphertext, a pipe's worth (1 MiB) for the plaintext.
+        # 256 KiB) for the ciphertext; the plaintext, fsynced, is dropped whole.
         written = {
             archive / ".encrypted" / "U4698258.Trade_History.20260901.20260901.xml.pgp": (
                 MAX_READ_CHUNK
             ),
-            archive / "U4698258" / "2026" / "U4698258.Trade_History.20260901.20260901.xml": (
-                _PIPE_BYTES
-            ),
+            archive / "U4698258" / "2026" / "U4698258.Trade_History.20260901.20260901.xml": 0,
         }
         for path, write in written.items():
             bound = 3 * Writeback.STEP + write
@@ -200,7 +198,7 @@ def test_an_early_decryption_whose_thread_cannot_start_leaves_no_gpg_no_file_no_
     fds = set(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(threading.Thread, "start", refusing)
     try:
-        assert decryptor.start_early("f.pgp", folder, 10_000) is None
+        assert decryptor.start_early("f.pgp", folder) is None
     finally:
         monkeypatch.undo()
         decryptor.close()

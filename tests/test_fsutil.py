@@ -63,16 +63,19 @@ LINUX_ONLY = pytest.mark.skipif(
 
 
 @LINUX_ONLY
-def test_a_big_file_leaves_about_two_steps_in_the_page_cache(disk_folder: Path) -> None:
+@pytest.mark.parametrize("behind", [1, 4])
+def test_a_big_file_leaves_about_behind_plus_one_steps_in_the_page_cache(
+    disk_folder: Path, behind: int
+) -> None:
     folder = disk_folder
-    size = 8 * Writeback.STEP
+    size = 12 * Writeback.STEP
     chunk = os.urandom(1 << 20)
     kept = folder / "kept.bin"
     written_through = folder / "written-through.bin"
     for path, use_writeback in ((kept, False), (written_through, True)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            writeback = Writeback(fd)
+            writeback = Writeback(fd, behind=behind)
             total = 0
             while total < size:
                 total += os.write(fd, chunk)
@@ -83,8 +86,9 @@ def test_a_big_file_leaves_about_two_steps_in_the_page_cache(disk_folder: Path) 
             os.close(fd)
     # Without Writeback the whole file stays cached (so the measure below can see pages)...
     assert cached_bytes(kept) > size - Writeback.STEP
-    # ... with it, only the last two steps and the bytes since: 24 of the 64 MiB at most.
-    assert cached_bytes(written_through) <= 3 * Writeback.STEP
+    # ... with it, only the steps in flight and the bytes since: 24 or 48 of the 96 MiB at most.
+    assert cached_bytes(written_through) <= (behind + 2) * Writeback.STEP
+    assert writeback.dropped == size - behind * Writeback.STEP
     assert (
         hashlib.sha256(written_through.read_bytes()).digest()
         == hashlib.sha256(kept.read_bytes()).digest()
