@@ -895,8 +895,8 @@ _FULL_DISK_BYTES = 1 << 16
 def _run_gpg(
     command: Sequence[str], env: Mapping[str, str], secret: bytes, sink: io.FileIO
 ) -> _GpgRun:
-    """Run gpg with its stdout into ``sink``, hashed as it grows; raise OSError on a read error,
-    or ENOSPC when gpg failed and the disk is full.
+    """Run gpg with its stdout into ``sink``, hashed as it grows; raise OSError when the file
+    cannot be read back or written to disk, or ENOSPC when gpg failed and the disk is full.
 
     gpg is killed and reaped before an error leaves, so no gpg outlives a failed run.
     """
@@ -1113,7 +1113,7 @@ class EarlyDecryption:
         self._reap()
         if self.failed is None and self._follow_error is not None:
             error = self._follow_error
-            self.failed = f"cannot read the plaintext back: {error.strerror or error}"
+            self.failed = f"the plaintext's file failed: {error.strerror or error}"
         if self.failed is not None:
             self._fall_back()
             return None

@@ -304,7 +304,7 @@ def test_does_not_depend_on_home(
 
 @integration
 @pytest.mark.parametrize("way", ["decrypt", "while-it-downloads"])
-def test_large_file_streams_with_bounded_memory_past_the_page_cache(
+def test_large_file_streams_with_bounded_memory_and_leaves_the_page_cache(
     world: World, tmp_path: Path, disk_folder: Path, way: str
 ) -> None:
     plain = tmp_path / "big.csv"
