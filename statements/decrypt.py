@@ -39,6 +39,7 @@ import logging
 import os
 import select
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -887,6 +888,8 @@ _FOLLOW_BYTES = 1 << 20  # read and hashed at a time from the growing plaintext
 # queued would hold the hash (and so the end of the decryption) to the disk's pace.
 _FOLLOW_WRITEBACK_BEHIND = 4
 _FOLLOW_NAP_S = 0.002  # how often a follower looks for more; gpg writes ~0.8 MB in that time
+# The nice value of an early decryption's follower (see EarlyDecryption._follow).
+EARLY_FOLLOWER_NICE = 10
 # Free bytes under which a failed gpg is taken to have filled the disk: gpg says so only in
 # (translated) words, rc 2 after DECRYPTION_OKAY, and then at most a write's 8 KiB were left.
 _FULL_DISK_BYTES = 1 << 16
@@ -975,6 +978,18 @@ def _follow_plaintext(fd: int, process: subprocess.Popen[bytes], digest: hashlib
             return hashed
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(_FOLLOW_NAP_S)  # returns within a millisecond of gpg's exit
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice``; best effort, Linux only.
+
+    Linux keeps a nice value per thread, and setpriority(PRIO_PROCESS, tid) sets that thread's
+    alone. Elsewhere the same call would name a process, so nothing is done there.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
 
 
 def _disk_full(fd: int) -> bool:
@@ -1139,6 +1154,12 @@ class EarlyDecryption:
         self._discard()
 
     def _follow(self) -> None:
+        # In `run`, the server, the SSH transport, the .part writer and gpg form one chain
+        # that keeps both cores of a small machine busy; hashing the plaintext is beside it
+        # and may lag, so it yields to them and catches up in their gaps. bench/ big, `run`
+        # of 1 GiB, two sets of 5 runs interleaved with the code before: medians 5.66 against
+        # 6.10 s and 6.03 against 6.40 s.
+        lower_thread_priority(EARLY_FOLLOWER_NICE)
         try:
             self._written = _follow_plaintext(self._sink.fileno(), self._process, self._digest)
         except OSError as exc:  # say the disk failed a writeback: gpg must not go on for it

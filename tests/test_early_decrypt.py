@@ -11,13 +11,15 @@ import logging
 import os
 import random
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 from statements import config, pipeline
-from statements.decrypt import Decryptor
+from statements import decrypt as decrypt_module
+from statements.decrypt import EARLY_FOLLOWER_NICE, Decryptor, lower_thread_priority
 from statements.errors import ExitCode
 from statements.fsutil import Writeback
 from statements.ledger import Ledger
@@ -88,6 +90,14 @@ def test_run_archives_early_decrypted_files_as_a_plain_run_would(
         return decrypt(self, source, output)
 
     monkeypatch.setattr(Decryptor, "decrypt", counting)
+    follow_nice: list[int] = []  # the nice value each plaintext follower ran at
+    follow = decrypt_module._follow_plaintext
+
+    def recording(fd, process, digest):  # type: ignore[no-untyped-def]
+        follow_nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return follow(fd, process, digest)
+
+    monkeypatch.setattr(decrypt_module, "_follow_plaintext", recording)
     caplog.set_level(logging.DEBUG, logger="statements")
 
     saved_umask = os.umask(0)  # every folder made on the way must still be private
@@ -125,6 +135,10 @@ def test_run_archives_early_decrypted_files_as_a_plain_run_would(
     assert len(started) == 4
     # Only the file gpg refused went the usual way, which wrote its report in quarantine.
     assert decrypted_from_inbox == ["U7654321.Trade_History.20260901.20260901.xml.pgp"]
+    # The four early decryptions hashed their plaintexts at a lower priority; the one from the
+    # inbox, in an archiver thread, at the process's.
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert sorted(follow_nice) == [base] + [min(19, base + EARLY_FOLLOWER_NICE)] * 4
     quarantined = archive / ".quarantine" / "U7654321.Trade_History.20260901.20260901.xml.pgp"
     assert quarantined.read_bytes() == remote[quarantined.name]
     assert "which this project does not hold" in (
@@ -206,3 +220,23 @@ def test_an_early_decryption_whose_thread_cannot_start_leaves_no_gpg_no_file_no_
     assert list(folder.iterdir()) == []
     assert harness.gpg_children() == []
     assert set(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_lowered_thread_priority_is_that_threads_alone() -> None:
+    """Only the calling thread yields: not the process, nor what it starts afterwards."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen: list[int] = []
+
+    def lowered() -> None:
+        lower_thread_priority(3)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=lowered)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, base + 3)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    child = subprocess.run(
+        ["sh", "-c", "cut -d' ' -f19 /proc/self/stat"], capture_output=True, text=True, check=True
+    )
+    assert int(child.stdout) == base
