@@ -653,12 +653,12 @@ class _Downloads:
     """The files still to download, handed out to the fetch workers one at a time.
 
     At most ``big_at_once`` of them are big (BACKGROUND_WRITE_BYTES or more): each of those
-    holds up to 12 MiB while it runs (its queued replies, the aligned buffers of its .part and
-    of its plaintext), so with them all at once peak memory grew with ``workers``: 113-129 MiB
-    for eight 48 MiB reports with four workers, 153 MiB with eight. Two at once were faster
-    there too (2.6 s against 2.9 and 3.3): on the GIL, more big downloads only take turns. A
-    worker that finds only big files waiting, all slots taken, stops: the workers holding the
-    slots go on with them.
+    holds up to 13 MiB while it runs (read replies in flight and queued, the aligned buffers of
+    its .part, the buffer its early plaintext is hashed through), so with them all at once peak
+    memory grew with ``workers`` (when each held 12 MiB): 113-129 MiB for eight 48 MiB reports
+    with four workers, 153 MiB with eight. Two at once were faster there too (2.6 s against 2.9
+    and 3.3): on the GIL, more big downloads only take turns. A worker that finds only big files
+    waiting, all slots taken, stops: the workers holding the slots go on with them.
 
     A worker that cannot open a connection of its own (at a thread limit: paramiko runs one
     thread per connection) gives its file back and leaves, and the others share its files: the

@@ -853,7 +853,7 @@ def test_short_reads_ask_for_the_rest_first_and_then_no_more_than_served() -> No
 def test_a_server_that_serves_a_few_bytes_a_read_gets_no_more_reads_in_flight() -> None:
     fake = _ScriptedReads(_CONTENT[:100_000], serve_at_most=10)
     assert _read_all(fake) == _CONTENT[:100_000]
-    # 2 MiB of 10-byte reads would be 209,715 requests in flight; OpenSSH's sftp keeps 64.
+    # 4 MiB of 10-byte reads would be 419,430 requests in flight; OpenSSH's sftp keeps 64.
     assert remote.MAX_READS_AHEAD == 64
     assert fake.most_in_flight <= 64 + 1  # and the rest of a short read, asked first
 
