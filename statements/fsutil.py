@@ -26,9 +26,9 @@ from typing import BinaryIO
 PRIVATE_FILE = 0o600
 PUBLIC_FILE = 0o644
 PRIVATE_DIR = 0o700
-# From this size on, a new file is written past the page cache (DirectWriter) where the file
-# system allows: the ciphertext a download writes and the plaintext gpg gives. Below it, the
-# four 1 MiB buffers and the writer thread cost more than the cache does.
+# From this size on, a download's new .part is written past the page cache (DirectWriter) where
+# the file system allows. Below it, the four 1 MiB buffers and the writer thread cost more than
+# the cache does. (gpg writes a plaintext into its file itself: see decrypt._follow_plaintext.)
 DIRECT_WRITE_BYTES = 16 << 20
 
 
@@ -138,16 +138,18 @@ class DirectWriter:
     """Writes a big new file from this process's buffers straight to the disk (``O_DIRECT``).
 
     Through the page cache every page of the file is copied, allocated, written back and then
-    dropped (see :class:`Writeback`): 1.07 s of this process's system time for the plaintext
-    of bench/'s 1 GiB report, against 0.57 s direct. `ibkr-statements decrypt` of it went from
-    2.86 to 2.41 s and from 4.4 to 3.4 CPU-seconds (medians of 5, interleaved), because gpg,
-    on the other core, no longer competes with that work.
+    dropped (see :class:`Writeback`): 1.07 s of this process's system time for 1 GiB (the
+    plaintext of bench/'s big report, when this process copied it from gpg), against 0.57 s
+    direct; that decrypt went from 2.86 to 2.41 s and from 4.4 to 3.4 CPU-seconds (medians of
+    5, interleaved), because gpg, on the other core, no longer competed with that work.
 
-    The caller reads into :meth:`space` and reports the count with :meth:`filled`; a thread
-    writes each full buffer while the next one fills, at most BUFFERS - 1 behind. The last,
-    partial buffer goes through the page cache at :meth:`close`, and so does every write from
-    the first one the file system refuses direct (EINVAL: it wants a larger alignment) or
-    writes short, so the file is always whole. The caller still fsyncs it.
+    :meth:`write` copies bytes already in memory into the buffers (a download's replies); a
+    caller that reads from a file descriptor can read into :meth:`space` and report the count
+    with :meth:`filled` instead, with no copy. A thread writes each full buffer while the next
+    one fills, at most BUFFERS - 1 behind. The last, partial buffer goes through the page cache
+    at :meth:`close`, and so does every write from the first one the file system refuses direct
+    (EINVAL: it wants a larger alignment) or writes short, so the file is always whole. The
+    caller still fsyncs it.
     """
 
     CHUNK = 1 << 20  # a multiple of every common device's logical block size
