@@ -1128,7 +1128,7 @@ class EarlyDecryption:
         self._reap()
         if self.failed is None and self._follow_error is not None:
             error = self._follow_error
-            self.failed = f"the plaintext's file failed: {error.strerror or error}"
+            self.failed = f"cannot write its plaintext: {error.strerror or error}"
         if self.failed is not None:
             self._fall_back()
             return None
