@@ -497,14 +497,6 @@ class Ledger:
         )
         return [r[0] for r in rows]
 
-    def archived_files(self) -> list[tuple[str, str]]:
-        """(relative path, sha256) of everything archived."""
-        return [(r[0], r[1]) for r in self._db.execute("SELECT path, sha256 FROM archived")]
-
-    def sha_at(self, path: str) -> str | None:
-        row = self._db.execute("SELECT sha256 FROM archived WHERE path=?", (path,)).fetchone()
-        return None if row is None else str(row[0])
-
     def to_delete_remotely(self, server: ServerId) -> list[FetchedRow]:
         rows = self._db.execute(
             "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "
