@@ -75,7 +75,6 @@ def seed_ours(config: Path, target: Target, history: Corpus, *, fetched_on: date
                     int(info.st_mtime),
                     1,
                     report.remote_name,
-                    history.cipher_digests[report.remote_name],
                 )
             )
             os.link(ciphertext, encrypted / report.remote_name)

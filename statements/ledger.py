@@ -54,6 +54,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             mtime INTEGER NOT NULL,
             version INTEGER NOT NULL,
             inbox_name TEXT NOT NULL UNIQUE,
+            -- The ciphertext's SHA-256 until 2026-11, '' since then: gpg's integrity check
+            -- verifies a ciphertext as it decrypts it, and (size, mtime) identify it.
             sha256 TEXT NOT NULL,
             fetched_at TEXT NOT NULL,
             run_id INTEGER REFERENCES runs(id),
@@ -139,7 +141,6 @@ class FetchedRow:
     mtime: int
     version: int
     inbox_name: str
-    sha256: str
     state: str
 
 
@@ -324,48 +325,30 @@ class Ledger:
         mtime: int,
         version: int,
         inbox_name: str,
-        sha256: str,
         run_id: int | None,
     ) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO fetched (host, port, username, remote_path, size, mtime, version, "
-                "inbox_name, sha256, fetched_at, run_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    server.host,
-                    server.port,
-                    server.username,
-                    remote_path,
-                    size,
-                    mtime,
-                    version,
-                    inbox_name,
-                    sha256,
-                    now_iso(),
-                    run_id,
-                ),
-            )
+        self.record_fetched_many(server, [(remote_path, size, mtime, version, inbox_name)], run_id)
 
     def record_fetched_many(
         self,
         server: ServerId,
-        rows: Sequence[tuple[str, int, int, int, str, str]],
+        rows: Sequence[tuple[str, int, int, int, str]],
         run_id: int | None,
     ) -> None:
-        """Like record_fetched for each (remote_path, size, mtime, version, inbox_name,
-        sha256), in one transaction: one fsync of the ledger for a batch of files."""
+        """Record each (remote_path, size, mtime, version, inbox_name) fetched, in one
+        transaction: one fsync of the ledger for a batch of files."""
         stamp = now_iso()
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO fetched (host, port, username, remote_path, size, mtime, version, "
-                "inbox_name, sha256, fetched_at, run_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "inbox_name, sha256, fetched_at, run_id) VALUES (?,?,?,?,?,?,?,?,'',?,?)",
                 [(server.host, server.port, server.username, *row, stamp, run_id) for row in rows],
             )
 
     def fetched_rows(self, states: Sequence[str] = ("fetched",)) -> list[FetchedRow]:
         marks = ",".join("?" * len(states))
         rows = self._db.execute(
-            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "  # noqa: S608
+            "SELECT id, remote_path, size, mtime, version, inbox_name, state "  # noqa: S608
             f"FROM fetched WHERE state IN ({marks}) ORDER BY id",  # marks are only '?'s
             tuple(states),
         )
@@ -381,7 +364,7 @@ class Ledger:
         for start in range(0, len(names), _LOOKUP_BATCH):
             batch = names[start : start + _LOOKUP_BATCH]
             rows = self._db.execute(
-                "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "  # noqa: S608
+                "SELECT id, remote_path, size, mtime, version, inbox_name, state "  # noqa: S608
                 f"FROM fetched WHERE inbox_name IN ({','.join('?' * len(batch))}) "
                 f"AND state IN ({marks}) ORDER BY id",  # the f-strings add only '?'s
                 (*batch, *states),
@@ -425,7 +408,7 @@ class Ledger:
 
     def fetched_row(self, fetched_id: int) -> FetchedRow:
         row = self._db.execute(
-            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "
+            "SELECT id, remote_path, size, mtime, version, inbox_name, state "
             "FROM fetched WHERE id=?",
             (fetched_id,),
         ).fetchone()
@@ -499,7 +482,7 @@ class Ledger:
 
     def to_delete_remotely(self, server: ServerId) -> list[FetchedRow]:
         rows = self._db.execute(
-            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state "
+            "SELECT id, remote_path, size, mtime, version, inbox_name, state "
             "FROM fetched WHERE host=? AND port=? AND username=? AND state='archived' "
             "AND remote_deleted_at IS NULL ORDER BY id",
             (server.host, server.port, server.username),
@@ -522,10 +505,10 @@ class Ledger:
 
     def quarantined(self) -> list[tuple[FetchedRow, str]]:
         rows = self._db.execute(
-            "SELECT id, remote_path, size, mtime, version, inbox_name, sha256, state, failure "
+            "SELECT id, remote_path, size, mtime, version, inbox_name, state, failure "
             "FROM fetched WHERE state='quarantined' ORDER BY id"
         )
-        return [(FetchedRow(*row[:8]), str(row[8] or "")) for row in rows]
+        return [(FetchedRow(*row[:7]), str(row[7] or "")) for row in rows]
 
     def latest_by_account(self) -> list[tuple[str, str, int]]:
         """(account, latest period end archived, number of files) per account."""

@@ -12,7 +12,6 @@ import collections
 import contextlib
 import errno
 import functools
-import hashlib
 import io
 import logging
 import operator
@@ -77,7 +76,6 @@ log = logging.getLogger(__name__)
 
 INBOX = ".inbox"
 PART_SUFFIX = ".part"
-_HASH_CHUNK = 1024 * 1024
 # Even a connection that drops every few seconds while making progress gives up eventually.
 MAX_ATTEMPTS = 200
 # Files committed to the ledger in one transaction, at most.
@@ -191,22 +189,8 @@ def plan(
     return planned, len(listing_files) - len(new)
 
 
-def sha256_of(path: Path, limit: int | None = None) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    remaining = limit if limit is not None else -1
-    with path.open("rb") as handle:
-        while remaining != 0:
-            chunk = handle.read(_HASH_CHUNK if remaining < 0 else min(_HASH_CHUNK, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if remaining > 0:
-                remaining -= len(chunk)
-    return digest
-
-
-class _HashingSink:
-    """Writes through to the .part file, hashes what it writes and feeds an early decryption.
+class _PartSink:
+    """Writes through to the .part file and feeds an early decryption.
 
     The .part is unbuffered: each SFTP read goes straight to the file, so the writeback below
     always knows how many bytes the file holds. With a ``direct`` writer (see download_one) the
@@ -218,12 +202,10 @@ class _HashingSink:
         self,
         handle: io.FileIO,
         offset: int,
-        digest: hashlib._Hash,
         early: EarlyDecryption | None,
         direct: DirectWriter | None = None,
     ) -> None:
         self.handle = handle
-        self.digest = digest
         self.early = early
         self.written = 0
         self._offset = offset
@@ -237,7 +219,6 @@ class _HashingSink:
             view = memoryview(data)
             while view:
                 view = view[self.handle.write(view) or 0 :]
-        self.digest.update(data)
         if self.early is not None:
             self.early.feed(data)
         self.written += len(data)
@@ -263,13 +244,14 @@ class _HashingSink:
                 direct.close()
 
 
-class _BackgroundSink(_HashingSink):
-    """A _HashingSink whose writing, hashing and gpg feed run on a thread of their own.
+class _BackgroundSink(_PartSink):
+    """A _PartSink whose writing and gpg feed run on a thread of their own.
 
-    Profiled on 1 GiB, the SFTP reader spent two thirds of its time in them, with no read
-    request sent meanwhile: the server went quiet while the file was written. Here the reader
-    only queues each reply (at most QUEUE_REPLIES, 4 MiB of 256 KiB reads) and goes on.
-    hashlib and file writes release the GIL, so the thread runs on the other core.
+    Profiled on 1 GiB, the SFTP reader spent two thirds of its time writing, hashing (as it then
+    also did) and feeding gpg, with no read request sent meanwhile: the server went quiet while
+    the file was written. Here the reader only queues each reply (at most QUEUE_REPLIES, 4 MiB
+    of 256 KiB reads) and goes on. File and pipe writes release the GIL, so the thread runs on
+    the other core.
     """
 
     QUEUE_REPLIES = 16  # 32 held 4 MiB more per big download: 94 -> 88 MiB peak (bench 5)
@@ -278,11 +260,10 @@ class _BackgroundSink(_HashingSink):
         self,
         handle: io.FileIO,
         offset: int,
-        digest: hashlib._Hash,
         early: EarlyDecryption | None,
         direct: DirectWriter | None = None,
     ) -> None:
-        super().__init__(handle, offset, digest, early, direct)
+        super().__init__(handle, offset, early, direct)
         self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_REPLIES)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = threading.Thread(
@@ -387,7 +368,6 @@ class _NoConnection:
 @dataclass(frozen=True)
 class _Done:
     planned: PlannedFetch
-    sha256: str
     transferred: int
 
 
@@ -406,7 +386,6 @@ def download_one(
     final = inbox / planned.inbox_name
     part = inbox / (planned.inbox_name + PART_SUFFIX)
     offset = _resumable_offset(part, remote)
-    digest = sha256_of(part, offset) if offset else hashlib.sha256()
     if offset:
         log.info("resuming %s at byte %d of %d", remote.relative, offset, remote.size)
     stream = early.start(remote, planned.inbox_name) if early and not offset else None
@@ -415,9 +394,9 @@ def download_one(
         with os.fdopen(fd, "r+b", buffering=0) as handle:
             handle.seek(offset)
             handle.truncate()
-            sink: _HashingSink | None = None
+            sink: _PartSink | None = None
             try:
-                sink = _open_sink(handle, offset, digest, stream, remote.size)
+                sink = _open_sink(handle, offset, stream, remote.size)
                 session.download(remote, sink, offset, progress)  # type: ignore[arg-type]
                 sink.drain()
                 os.fsync(handle.fileno())
@@ -443,24 +422,23 @@ def download_one(
         decrypted = stream.finish(final)
         if decrypted is not None:
             early.landed(planned.inbox_name, decrypted)
-    return _Done(planned, digest.hexdigest(), size - offset)
+    return _Done(planned, size - offset)
 
 
 def _open_sink(
     handle: io.FileIO,
     offset: int,
-    digest: hashlib._Hash,
     stream: EarlyDecryption | None,
     size: int,
-) -> _HashingSink:
+) -> _PartSink:
     """The sink for a .part at ``offset`` of a remote file of ``size`` bytes."""
     # O_DIRECT writes must start on a block: only a big .part written from byte 0.
     direct = (
         DirectWriter.attach(handle.fileno()) if not offset and size >= DIRECT_WRITE_BYTES else None
     )
-    kind = _BackgroundSink if size - offset >= BACKGROUND_WRITE_BYTES else _HashingSink
+    kind = _BackgroundSink if size - offset >= BACKGROUND_WRITE_BYTES else _PartSink
     try:
-        return kind(handle, offset, digest, stream, direct)
+        return kind(handle, offset, stream, direct)
     except BaseException:  # no thread can be started, say: the direct writer's must stop too
         if direct is not None:
             direct.abort()
@@ -615,22 +593,33 @@ def _adopt_completed(
     """Files already renamed into the inbox by a run that died before committing them."""
     pending = []
     for item in planned:
-        final = inbox / item.inbox_name
-        if final.is_file() and final.stat().st_size == item.remote.size:
+        if holds_download(inbox / item.inbox_name, item.remote.size, item.remote.mtime):
             log.info(
                 "%s is already in the inbox from an interrupted run; recording it",
                 item.remote.relative,
             )
-            _commit(ledger, server, item, sha256_of(final).hexdigest(), run_id)
+            _commit(ledger, server, item, run_id)
             summary.fetched += 1
         else:
             pending.append(item)
     return pending
 
 
-def _commit(
-    ledger: Ledger, server: ServerId, item: PlannedFetch, sha256: str, run_id: int | None
-) -> None:
+def holds_download(path: Path, size: int, mtime: int) -> bool:
+    """Whether ``path`` is a download of a remote file of this size and mtime: a regular file
+    (a link is nobody's download) of that size, which download_one dates with the remote mtime.
+
+    The same identity that tells a new remote file from one fetched before, here for a file
+    in the inbox; the bytes themselves are verified by gpg's integrity check when decrypted.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size and int(info.st_mtime) == mtime
+
+
+def _commit(ledger: Ledger, server: ServerId, item: PlannedFetch, run_id: int | None) -> None:
     ledger.record_fetched(
         server,
         remote_path=item.remote.path,
@@ -638,15 +627,14 @@ def _commit(
         mtime=item.remote.mtime,
         version=item.version,
         inbox_name=item.inbox_name,
-        sha256=sha256,
         run_id=run_id,
     )
 
 
-def _ledger_row(done: _Done) -> tuple[str, int, int, int, str, str]:
+def _ledger_row(done: _Done) -> tuple[str, int, int, int, str]:
     item = done.planned
     r = item.remote
-    return (r.path, r.size, r.mtime, item.version, item.inbox_name, done.sha256)
+    return (r.path, r.size, r.mtime, item.version, item.inbox_name)
 
 
 class _Downloads:
@@ -990,10 +978,10 @@ def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) ->
     waiting = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
     for row in ledger.fetched_rows_named(waiting, ("archived",)):
         source = inbox / row.inbox_name
-        if not _is_the_fetched_file(source, row):
+        if not holds_download(source, row.size, row.mtime):
             # Retiring it would put it over the ciphertext kept for that row, or delete it.
             log.warning(
-                "%s is not the file fetched under that name (its size or sha256 differs) and "
+                "%s is not the file fetched under that name (its size or date differs) and "
                 "is left where it is; move it out of %s, which only ibkr-statements should write",
                 source,
                 inbox,
@@ -1003,14 +991,6 @@ def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) ->
     work = root / WORK
     if work.exists():
         shutil.rmtree(work)
-
-
-def _is_the_fetched_file(path: Path, row: FetchedRow) -> bool:
-    """Whether ``path`` holds the bytes fetched as ``row``: a killed run's leftover does."""
-    info = path.lstat()  # a link or a FIFO is nobody's download (and a FIFO would block)
-    return (
-        stat.S_ISREG(info.st_mode) and info.st_size == row.size and sha256_file(path) == row.sha256
-    )
 
 
 def _retire_ciphertext(source: Path, root: Path, *, keep_encrypted: bool) -> None:
@@ -1247,7 +1227,7 @@ def _quarantine(
         [
             f"ibkr-statements could not archive {posixpath.basename(row.remote_path)}",
             f"time: {datetime.now(UTC).isoformat(timespec='seconds')}",
-            f"remote file: {row.remote_path} ({row.size} bytes, sha256 {row.sha256})",
+            f"remote file: {row.remote_path} ({row.size} bytes, sha256 {sha256_file(source)})",
             f"what failed: {exc.message}",
             f"what to do: {_with_retry(exc.hint)}",
             *(["gpg status:", *(f"  {line}" for line in status)] if status else []),

@@ -88,20 +88,22 @@ def inbox(project: Project) -> Path:
     return project.root / "archive" / ".inbox"
 
 
-def ledger_rows(project: Project) -> list[tuple[str, int, str, str]]:
+def ledger_rows(project: Project) -> list[tuple[str, int, str, int, int]]:
     with sqlite3.connect(project.root / "archive" / "index.sqlite3") as db:
         return db.execute(
-            "SELECT remote_path, version, inbox_name, sha256 FROM fetched ORDER BY id"
+            "SELECT remote_path, version, inbox_name, size, mtime FROM fetched ORDER BY id"
         ).fetchall()
 
 
 def assert_inbox_matches_ledger(project: Project) -> None:
-    """No file in the inbox without its ledger row, no row without its file."""
+    """No file in the inbox without its ledger row, no row without its file; each file has its
+    row's size and is dated with its row's remote mtime, which is how a later run knows it."""
     files = {p.name for p in inbox(project).iterdir() if not p.name.endswith(".part")}
     rows = ledger_rows(project)
     assert files == {r[2] for r in rows}
-    for _, _, name, digest in rows:
-        assert sha(inbox(project) / name) == digest
+    for _, _, name, size, mtime in rows:
+        info = (inbox(project) / name).stat()
+        assert (info.st_size, int(info.st_mtime)) == (size, mtime), name
 
 
 # --- against OpenSSH -------------------------------------------------------------------------

@@ -222,7 +222,6 @@ def test_history_is_one_indexed_query_per_server(
                 mtime=1,
                 version=1,
                 inbox_name=f"f{i}.pgp",
-                sha256="0" * 64,
                 run_id=run,
             )
         ledger.record_fetched(
@@ -232,7 +231,6 @@ def test_history_is_one_indexed_query_per_server(
             mtime=5,
             version=1,
             inbox_name="other-f1.pgp",
-            sha256="0" * 64,
             run_id=run,
         )
         read: list[set[tuple[str, int, int]]] = []  # on another thread, as the fetch does

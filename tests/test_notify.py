@@ -210,7 +210,7 @@ def test_last_new_file_date_from_the_ledger(tmp_path: Path) -> None:
         for n in (1, 2):
             ledger.record_fetched(
                 server, remote_path=f"f{n}.pgp", size=n, mtime=n, version=1,
-                inbox_name=f"f{n}.pgp", sha256="0" * 64, run_id=None,
+                inbox_name=f"f{n}.pgp", run_id=None,
             )  # fmt: skip
         ledger.quarantine(2, "bad")  # what became of a file later does not matter
         stamp = dt.datetime.fromisoformat(ledger.fetched_at(2))

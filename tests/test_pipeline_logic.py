@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import random
 import shutil
 import subprocess
@@ -198,7 +199,8 @@ def test_a_dropped_transfer_resumes_from_the_bytes_on_disk(
         rows = ledger.fetched_rows()
     assert summary.failures == []
     assert inbox(disk_folder) == {"big.pgp": data}
-    assert rows[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert [(r.size, r.mtime) for r in rows] == [(len(data), 5)]
+    assert int((disk_folder / ".inbox" / "big.pgp").stat().st_mtime) == 5
     # Each drop costs a connection, not the file, nor a byte received: every resume starts
     # where the bytes received before the drop end (9000 is not a multiple of a direct
     # writer's 4096-byte buffer: its partial buffer was written too).
@@ -227,11 +229,32 @@ def test_an_unexpected_error_costs_one_file_and_is_reported(tmp_path: Path) -> N
 def test_a_file_renamed_but_not_committed_is_adopted_not_downloaded(tmp_path: Path) -> None:
     server = FakeServer({"a.pgp": (b"payload" * 50, 1)})
     (tmp_path / ".inbox").mkdir()
-    (tmp_path / ".inbox" / "a.pgp").write_bytes(b"payload" * 50)  # the crash left it here
+    left = tmp_path / ".inbox" / "a.pgp"
+    left.write_bytes(b"payload" * 50)  # the crash left it here, dated as downloads are
+    os.utime(left, (1, 1))
     with Ledger.open(tmp_path) as ledger:
         summary = fetch(server, tmp_path, ledger)
         assert summary.fetched == 1 and server.downloads == []
-        assert ledger.fetched_rows()[0].sha256 == hashlib.sha256(b"payload" * 50).hexdigest()
+        assert [(r.inbox_name, r.size, r.mtime) for r in ledger.fetched_rows()] == [
+            ("a.pgp", 350, 1)
+        ]
+
+
+@pytest.mark.parametrize("mtime", [2, None])  # another date; written by hand just now
+def test_a_file_in_the_inbox_not_dated_as_the_download_is_downloaded_over(
+    tmp_path: Path, mtime: int | None
+) -> None:
+    server = FakeServer({"a.pgp": (b"payload" * 50, 1)})
+    (tmp_path / ".inbox").mkdir()
+    dropped = tmp_path / ".inbox" / "a.pgp"
+    dropped.write_bytes(b"PAYLOAD" * 50)  # the same size
+    if mtime is not None:
+        os.utime(dropped, (mtime, mtime))
+    with Ledger.open(tmp_path) as ledger:
+        summary = fetch(server, tmp_path, ledger)
+        assert summary.fetched == 1 and server.downloads == ["a.pgp"]
+        assert [r.inbox_name for r in ledger.fetched_rows()] == ["a.pgp"]
+    assert inbox(tmp_path) == {"a.pgp": b"payload" * 50}
 
 
 def test_a_part_of_another_version_is_discarded(tmp_path: Path) -> None:
@@ -273,22 +296,21 @@ def test_a_stop_mid_file_abandons_it_resumably_and_is_no_failure(
     assert summary.fetched + again.fetched == 2 and inbox(tmp_path)["big.pgp"] == data
 
 
-def test_the_writer_thread_writes_and_hashes_every_reply_in_order(tmp_path: Path) -> None:
+def test_the_writer_thread_writes_every_reply_in_order(tmp_path: Path) -> None:
     replies = [
         random.Random(i).randbytes(random.Random(-i).randrange(1, 300_000)) for i in range(300)
     ]
     part = tmp_path / "f.part"
     with part.open("w+b", buffering=0) as handle:
         handle.write(b"head")  # a resumed download: the sink appends after the offset
-        digest = hashlib.sha256(b"head")
-        sink = pipeline._BackgroundSink(handle, 4, digest, None)
+        sink = pipeline._BackgroundSink(handle, 4, None)
         for reply in replies:  # far more than the queue holds: the reader waits for the writer
             assert sink.write(reply) == len(reply)
         sink.drain()
         sink.stop()  # a second stop is harmless
     whole = b"head" + b"".join(replies)
     assert part.read_bytes() == whole
-    assert (digest.hexdigest(), sink.written) == (hashlib.sha256(whole).hexdigest(), len(whole) - 4)
+    assert sink.written == len(whole) - 4
 
 
 def test_a_download_whose_writer_thread_cannot_start_leaves_no_thread_and_no_part(
@@ -328,7 +350,7 @@ def test_a_download_whose_writer_thread_cannot_start_leaves_no_thread_and_no_par
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_write_error_on_the_writer_thread_reaches_the_reader_and_never_blocks_it() -> None:
     with open("/dev/full", "r+b", buffering=0) as handle:
-        sink = pipeline._BackgroundSink(handle, 0, hashlib.sha256(), None)
+        sink = pipeline._BackgroundSink(handle, 0, None)
         with pytest.raises(OSError) as raised:
             # The disk-full error comes back at a later write, or at the latest from drain();
             # writes after it never wait on a queue that nobody empties.
