@@ -593,7 +593,7 @@ def _adopt_completed(
     """Files already renamed into the inbox by a run that died before committing them."""
     pending = []
     for item in planned:
-        if holds_download(inbox / item.inbox_name, item.remote.size, item.remote.mtime):
+        if _holds_download(inbox / item.inbox_name, item.remote.size, item.remote.mtime):
             log.info(
                 "%s is already in the inbox from an interrupted run; recording it",
                 item.remote.relative,
@@ -605,7 +605,7 @@ def _adopt_completed(
     return pending
 
 
-def holds_download(path: Path, size: int, mtime: int) -> bool:
+def _holds_download(path: Path, size: int, mtime: int) -> bool:
     """Whether ``path`` is a download of a remote file of this size and mtime: a regular file
     (a link is nobody's download) of that size, which download_one dates with the remote mtime.
 
@@ -978,7 +978,7 @@ def repair_archive_state(ledger: Ledger, root: Path, *, keep_encrypted: bool) ->
     waiting = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
     for row in ledger.fetched_rows_named(waiting, ("archived",)):
         source = inbox / row.inbox_name
-        if not holds_download(source, row.size, row.mtime):
+        if not _holds_download(source, row.size, row.mtime):
             # Retiring it would put it over the ciphertext kept for that row, or delete it.
             log.warning(
                 "%s is not the file fetched under that name (its size or date differs) and "
