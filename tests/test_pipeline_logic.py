@@ -414,6 +414,7 @@ def test_archive_files_quarantines_failures_and_keeps_ciphertexts(tmp_path: Path
     assert next(k for k in tree if k.startswith("_unsorted/")).endswith("/odd name")
     error = (tmp_path / ".quarantine" / "broken.pgp.error.txt").read_text()
     assert "not encrypted to a key we hold" in error and "import it" in error
+    assert f"(9 bytes, sha256 {hashlib.sha256(b'BAD bytes').hexdigest()})" in error
     assert (tmp_path / ".quarantine" / "broken.pgp").read_bytes() == b"BAD bytes"
     assert sorted(p.name for p in (tmp_path / ".encrypted").iterdir()) == [
         "U1234567.Trade_History.20260901.20260901.xml.pgp",
